@@ -1,0 +1,67 @@
+# The README's commands. Every target installs what it needs, idempotently.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+TOOLS := .tools
+VENV := .venv
+UV := $(TOOLS)/bin/uv
+GANTRY := $(VENV)/bin/gantry
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+# Never let uv pick up another interpreter than the one that made the venv.
+export UV_PYTHON := $(PYTHON)
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+
+DEMO_SPEC ?= examples/minilm-demo.yaml
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(UV): scripts/bootstrap-requirements.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --require-hashes -r scripts/bootstrap-requirements.txt
+	@touch $@
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.synced ## create .venv from uv.lock
+
+.PHONY: system-deps
+system-deps: ## install the Debian packages Gantry needs (debootstrap, docker-registry, ...)
+	@bash scripts/install-system-deps.sh
+
+.PHONY: env
+env: venv system-deps ## start the embedded services and prepare base images
+	$(GANTRY) env up
+
+.PHONY: demo
+demo: env ## release the demo model on the embedded defaults
+	HF_ENDPOINT="$$($(GANTRY) env url hub)" $(GANTRY) release $(DEMO_SPEC)
+
+.PHONY: lint
+lint: venv ## ruff (lint + format check) and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+.PHONY: test
+test: venv system-deps lint ## lint, then every test tier against the real engines
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: venv system-deps ## benchmarks; ratios printed and written to bench/results/
+	$(VENV)/bin/python bench/run.py
+
+.PHONY: down
+down: venv ## stop the embedded services (state is kept)
+	$(GANTRY) env down
+
+.PHONY: clean
+clean: ## stop services and delete all local state (.gantry) and virtualenvs
+	-[ -x $(GANTRY) ] && $(GANTRY) env down
+	rm -rf .gantry $(VENV) $(TOOLS)

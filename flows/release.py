@@ -1,0 +1,34 @@
+"""Flow `release`: the stages, composed. No tool logic lives here."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from gantry.record import Recorder, ReleaseRecord
+from gantry.settings import get_settings
+from gantry.spec import ReleaseSpec
+from tasks.build import build_task
+from tasks.weights import weights_task
+
+
+@flow(name="release", persist_result=False, log_prints=False)
+def release(spec: ReleaseSpec) -> ReleaseRecord:
+    """Release one model: weights → build (more stages land here as they are built).
+
+    Each stage is retried only on transient errors, with the spec's backoff; each skips its
+    work when its content-addressed result already exists.
+    """
+    settings = get_settings()
+    rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run.get_id())
+    retry = {
+        "retries": spec.retries.attempts,
+        "retry_delay_seconds": spec.retries.delays() or 0,
+        "retry_jitter_factor": spec.retries.jitter or None,
+    }
+    weights = rec.run_stage(
+        "weights",
+        lambda: weights_task.with_options(**retry)(spec.source, str(settings.weights_dir)),
+    )
+    rec.run_stage("build", lambda: build_task.with_options(**retry)(spec, weights))
+    return rec.succeed()

@@ -1,0 +1,256 @@
+"""The embedded services: local OCI registry, local Hub endpoint, Prefect server.
+
+Each runs as a detached process with a pid file and a log file under
+``<state dir>/services``, is health-checked before use, and is started idempotently:
+``start()`` on a healthy service does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from gantry.errors import ServiceError
+from gantry.proc import which
+from gantry.settings import Settings
+
+
+class ServiceStatus(BaseModel):
+    """Where a service lives and whether it answers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    url: str
+    managed: bool
+    running: bool
+    healthy: bool
+    pid: int | None = None
+    log: str | None = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; treat it as dead.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class ManagedProcess:
+    """A long-running local process owned by Gantry."""
+
+    name: str
+    argv: list[str]
+    host: str
+    port: int
+    health_path: str
+    run_dir: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 60
+    port_env_var: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / f"{self.name}.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.run_dir / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            r = httpx.get(self.url + self.health_path, timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def status(self) -> ServiceStatus:
+        pid = self.pid()
+        return ServiceStatus(name=self.name, url=self.url, managed=True, running=pid is not None,
+                             healthy=self.healthy(), pid=pid, log=str(self.logfile))
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self) -> ServiceStatus:
+        """Start the process unless it already answers; wait until it is healthy."""
+        with _lock(self.run_dir / f"{self.name}.lock"):
+            if self.healthy():
+                return self.status()
+            if (pid := self.pid()) is not None:
+                # Ours but not answering (still starting, or wedged): give it a moment.
+                if self._wait_healthy(pid, min(self.startup_timeout_s, 30)):
+                    return self.status()
+                self._terminate(pid)
+            elif _port_busy(self.host, self.port):
+                raise ServiceError(
+                    f"{self.name}: port {self.host}:{self.port} is taken by another program",
+                    fix=f"stop that program, or choose another port with {self.port_env_var}"
+                    if self.port_env_var else "stop the program that holds the port",
+                )
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with self.logfile.open("ab") as log:
+                proc = subprocess.Popen(
+                    self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.env}, start_new_session=True,
+                    cwd=self.run_dir,
+                )
+            self.pidfile.write_text(f"{proc.pid}\n")
+            if not self._wait_healthy(proc.pid, self.startup_timeout_s, proc):
+                self._terminate(proc.pid)
+                raise ServiceError(
+                    f"{self.name} did not become healthy at {self.url}{self.health_path} within "
+                    f"{self.startup_timeout_s:.0f}s; last log lines:\n{self._log_tail()}",
+                    fix=f"read {self.logfile}; `gantry env down` then `gantry env up` retries",
+                )
+            return self.status()
+
+    def _wait_healthy(self, pid: int, timeout_s: float,
+                      proc: subprocess.Popen[bytes] | None = None) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                return False
+            if proc is None and not _pid_alive(pid):
+                return False
+            if self.healthy(timeout_s=2):
+                return True
+            time.sleep(0.3)
+        return False
+
+    def _terminate(self, pid: int, grace_s: float = 10) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        # Reap it if it is our child, so it does not linger as a zombie.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        self.pidfile.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if (pid := self.pid()) is not None:
+            self._terminate(pid)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)
+
+
+def registry_service(settings: Settings) -> ManagedProcess:
+    """Debian's `docker-registry` (the CNCF distribution registry v2) on 127.0.0.1."""
+    binary = which("docker-registry", env_var="GANTRY_REGISTRY_BIN",
+                   install_hint="run `make system-deps` (apt-get install docker-registry)")
+    host, port = _split(settings.registry)
+    run_dir = settings.services_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "registry.yml"
+    storage = settings.state_dir / "registry"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: {host}:{port}\n"
+    )
+    return ManagedProcess(
+        name="registry", argv=[str(binary), "serve", str(config)], host=host, port=port,
+        health_path="/v2/", run_dir=run_dir, startup_timeout_s=30,
+        port_env_var="GANTRY_LOCAL_REGISTRY_ADDR",
+    )
+
+
+def hub_service(settings: Settings) -> ManagedProcess:
+    """The local Hub-compatible endpoint serving the demo repositories."""
+    host, port = _split(settings.hub_addr)
+    return ManagedProcess(
+        name="hub",
+        argv=[sys.executable, "-m", "gantry.localhub", "serve", "--root",
+              str(settings.hub_dir / "store"), "--host", host, "--port", str(port),
+              "--request-log", str(settings.services_dir / "hub-requests.jsonl"),
+              "--token-file", str(settings.hub_dir / "tokens.txt")],
+        host=host, port=port, health_path="/_gantry/stats", run_dir=settings.services_dir,
+        startup_timeout_s=30, port_env_var="GANTRY_HUB_ADDR",
+    )
+
+
+def prefect_env(settings: Settings) -> dict[str, str]:
+    """Environment for the embedded Prefect server and its clients."""
+    return {
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": settings.prefect_api_url,
+        # Both knobs: the ephemeral server (if ever used) and our own startup wait.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "gantry",
+    }
+
+
+def prefect_service(settings: Settings) -> ManagedProcess:
+    """A Prefect server with its SQLite database under the state dir."""
+    env = prefect_env(settings)
+    env.pop("PREFECT_API_URL")  # the server itself must not point at itself as a client
+    return ManagedProcess(
+        name="prefect",
+        argv=[sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+              "--port", str(settings.prefect_port)],
+        host="127.0.0.1", port=settings.prefect_port, health_path="/api/health",
+        run_dir=settings.services_dir, env=env, startup_timeout_s=180,
+        port_env_var="GANTRY_PREFECT_PORT",
+    )

@@ -1,0 +1,85 @@
+"""Weights manifests: the identity of a set of weight files.
+
+The manifest digest is the sha256 of the sorted lines ``path<TAB>size<TAB>sha256\\n``: two
+directories with the same files have the same digest, whatever the revision name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_CHUNK = 1 << 20
+
+
+class ManifestEntry(BaseModel):
+    """One weight file: its path relative to the snapshot root, size and sha256."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def manifest_digest(entries: Iterable[ManifestEntry]) -> str:
+    """sha256 of the canonical, path-sorted listing of ``entries``."""
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.path):
+        h.update(f"{e.path}\t{e.size}\t{e.sha256}\n".encode())
+    return h.hexdigest()
+
+
+class WeightsManifest(BaseModel):
+    """The files of a weights snapshot, and where they came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    repo_id: str
+    commit: str
+    files: tuple[ManifestEntry, ...]
+    digest: str = Field(description="manifest_digest(files), stored for readers without code.")
+
+    @classmethod
+    def build(cls, repo_id: str, commit: str, files: Iterable[ManifestEntry]) -> WeightsManifest:
+        ordered = tuple(sorted(files, key=lambda e: e.path))
+        return cls(repo_id=repo_id, commit=commit, files=ordered, digest=manifest_digest(ordered))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.files)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read once in 1 MiB chunks (hashlib releases the GIL on them)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_oid(path: Path) -> str:
+    """The git blob id of a file: sha1 of ``blob <size>\\0`` followed by the content."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_many(paths: Sequence[Path], fn: Callable[[Path], str] = sha256_file,
+              workers: int | None = None) -> list[str]:
+    """Hash ``paths`` in parallel across cores; results in the order given."""
+    if not paths:
+        return []
+    n = max(1, min(len(paths), workers or os.cpu_count() or 1))
+    if n == 1:
+        return [fn(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hash") as pool:
+        return list(pool.map(fn, paths))

@@ -1,0 +1,165 @@
+"""The release record: one JSON file per release with every stage's outcome.
+
+Written atomically after every stage, so a run killed at any point leaves a record that
+says how far it got. ``<state dir>/releases/<release-id>.json`` holds the latest run of a
+release; earlier runs of the same release are kept under ``releases/history/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+
+import gantry
+from gantry.proc import redact_text
+from gantry.spec import ReleaseSpec
+
+log = logging.getLogger("gantry.record")
+
+#: The pipeline's stages, in order. A stage not yet run in a record is ``pending``.
+STAGES = ("weights", "build")
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class StageError(BaseModel):
+    type: str = Field(description="Exception class name.")
+    message: str
+    transient: bool
+
+
+class StageRecord(BaseModel):
+    status: StageStatus = StageStatus.PENDING
+    cached: bool = False
+    duration_s: float | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: dict[str, Any] | None = None
+    error: StageError | None = None
+
+
+class ReleaseRecord(BaseModel):
+    release_id: str
+    model: str
+    status: StageStatus = StageStatus.RUNNING
+    spec: dict[str, Any]
+    started_at: datetime
+    finished_at: datetime | None = None
+    flow_run_id: str | None = None
+    gantry_version: str = gantry.__version__
+    stages: dict[str, StageRecord]
+    error: StageError | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def record_path(releases_dir: Path, release_id: str) -> Path:
+    return releases_dir / f"{release_id}.json"
+
+
+def _error_of(exc: BaseException) -> StageError:
+    from gantry.errors import is_transient  # noqa: PLC0415
+
+    return StageError(type=type(exc).__name__, message=redact_text(str(exc)),
+                      transient=is_transient(exc))
+
+
+class Recorder:
+    """Keeps one release record up to date on disk as the stages run."""
+
+    def __init__(self, releases_dir: Path, spec: ReleaseSpec, *, flow_run_id: str | None) -> None:
+        self.path = record_path(releases_dir, spec.release_id)
+        self.record = ReleaseRecord(
+            release_id=spec.release_id, model=spec.name, spec=spec.model_dump(mode="json"),
+            started_at=_now(), flow_run_id=flow_run_id,
+            stages={name: StageRecord() for name in STAGES},
+        )
+        releases_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self._archive_previous()
+        self.write()
+
+    def _archive_previous(self) -> None:
+        hist = self.path.parent / "history"
+        hist.mkdir(exist_ok=True)
+        stamp = datetime.fromtimestamp(self.path.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S")
+        os.replace(self.path, hist / f"{self.path.stem}.{stamp}.{os.getpid()}.json")
+
+    def write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.record.model_dump_json(indent=2))
+        os.replace(tmp, self.path)
+
+    def run_stage(self, name: str, fn: Callable[[], T]) -> T:
+        """Run one stage, recording its outcome; on failure the later stages are skipped
+        and the exception propagates (so the flow run fails with it)."""
+        st = self.record.stages[name]
+        st.status, st.started_at = StageStatus.RUNNING, _now()
+        self.write()
+        t0 = time.monotonic()
+        try:
+            result = fn()
+        except BaseException as exc:
+            st.status, st.error = StageStatus.FAILED, _error_of(exc)
+            st.duration_s, st.finished_at = round(time.monotonic() - t0, 3), _now()
+            self._finish(StageStatus.FAILED, skip_after=name, error=st.error)
+            raise
+        st.status, st.result = StageStatus.SUCCEEDED, json.loads(result.model_dump_json())
+        st.cached = bool(getattr(result, "cached", False))
+        st.duration_s, st.finished_at = round(time.monotonic() - t0, 3), _now()
+        self.write()
+        log.info("stage %s %s in %.1fs", name, "cached" if st.cached else "done", st.duration_s)
+        return result
+
+    def _finish(self, status: StageStatus, *, skip_after: str | None = None,
+                error: StageError | None = None) -> None:
+        if skip_after is not None:
+            for later in STAGES[STAGES.index(skip_after) + 1:]:
+                self.record.stages[later].status = StageStatus.SKIPPED
+        self.record.status, self.record.error = status, error
+        self.record.finished_at = _now()
+        self.write()
+
+    def succeed(self) -> ReleaseRecord:
+        self._finish(StageStatus.SUCCEEDED)
+        return self.record
+
+
+def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseException) -> Path:
+    """A record for a run that failed before its flow could record anything (e.g. the
+    orchestrator was unreachable), so `gantry release` always has a record to point at."""
+    path = record_path(releases_dir, spec.release_id)
+    releases_dir.mkdir(parents=True, exist_ok=True)
+    rec = ReleaseRecord(
+        release_id=spec.release_id, model=spec.name, spec=spec.model_dump(mode="json"),
+        started_at=_now(), finished_at=_now(), status=StageStatus.FAILED,
+        stages={name: StageRecord(status=StageStatus.SKIPPED) for name in STAGES},
+        error=_error_of(exc),
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(rec.model_dump_json(indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_record(path: Path) -> ReleaseRecord:
+    return ReleaseRecord.model_validate_json(path.read_bytes())

@@ -1,0 +1,116 @@
+"""Where Gantry keeps its state and finds its services.
+
+Everything lives under one state dir (``GANTRY_STATE_DIR``, default ``./.gantry``). Each
+embedded service can be replaced by configuration with a production one.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gantry.errors import ConfigError
+
+_HOSTPORT_HINT = "use HOST:PORT, e.g. 127.0.0.1:5075"
+
+
+def _hostport(value: str, var: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{var}={value!r} is not HOST:PORT", fix=_HOSTPORT_HINT)
+    return value
+
+
+class Settings(BaseModel):
+    """Process-wide settings, read from the environment once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state_dir: Path = Field(description="Root of all local state (GANTRY_STATE_DIR).")
+    registry: str = Field(
+        description="OCI registry HOST:PORT images are pushed to (GANTRY_REGISTRY). "
+        "The default is the embedded registry on 127.0.0.1."
+    )
+    registry_is_local: bool = Field(description="Whether Gantry runs the registry itself.")
+    hub_addr: str = Field(description="HOST:PORT of the embedded Hub endpoint (GANTRY_HUB_ADDR).")
+    prefect_port: int = Field(description="Port of the embedded Prefect server.")
+    cache_dir: Path = Field(
+        description="Downloads verified by content (wheels, base-image root filesystems, demo "
+        "model wheels) (GANTRY_CACHE_DIR, default <state dir>/cache). Safe to share."
+    )
+    docker_timeout_s: float = Field(default=600, description="Docker API call timeout.")
+
+    @field_validator("state_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+        registry = e.get("GANTRY_REGISTRY", "")
+        state_dir = Path(e.get("GANTRY_STATE_DIR") or ".gantry")
+        return cls(
+            state_dir=state_dir,
+            cache_dir=Path(e.get("GANTRY_CACHE_DIR") or state_dir / "cache"),
+            registry=_hostport(registry, "GANTRY_REGISTRY")
+            if registry
+            else _hostport(e.get("GANTRY_LOCAL_REGISTRY_ADDR", "127.0.0.1:5075"),
+                           "GANTRY_LOCAL_REGISTRY_ADDR"),
+            registry_is_local=not registry,
+            hub_addr=_hostport(e.get("GANTRY_HUB_ADDR", "127.0.0.1:5076"), "GANTRY_HUB_ADDR"),
+            prefect_port=int(e.get("GANTRY_PREFECT_PORT", "4275")),
+        )
+
+    # Sub-directories; created on first use by the code that writes them.
+    @cached_property
+    def releases_dir(self) -> Path:
+        return self.state_dir / "releases"
+
+    @cached_property
+    def weights_dir(self) -> Path:
+        return self.state_dir / "weights"
+
+    @cached_property
+    def wheelhouse_dir(self) -> Path:
+        return self.cache_dir / "wheelhouse"
+
+    @cached_property
+    def base_images_dir(self) -> Path:
+        return self.cache_dir / "base-images"
+
+    @cached_property
+    def demo_wheels_dir(self) -> Path:
+        return self.cache_dir / "demo-wheels"
+
+    @cached_property
+    def services_dir(self) -> Path:
+        return self.state_dir / "services"
+
+    @cached_property
+    def hub_dir(self) -> Path:
+        return self.state_dir / "hub"
+
+    @cached_property
+    def prefect_home(self) -> Path:
+        return self.state_dir / "prefect"
+
+    @cached_property
+    def build_dir(self) -> Path:
+        return self.state_dir / "build"
+
+    @property
+    def hub_url(self) -> str:
+        return f"http://{self.hub_addr}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+
+def get_settings() -> Settings:
+    """Settings from the current environment (cheap; call where needed)."""
+    return Settings.from_env()

@@ -1,0 +1,248 @@
+"""The release spec: what to release and how.
+
+``ReleaseSpec`` is at once the YAML schema of ``gantry release SPEC.yaml`` and the
+parameter form of the ``release`` deployment in the Prefect UI, so every field carries a
+title-worthy description and constraints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gantry.errors import SpecError
+
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+#: What the demo model needs from its repository; the same patterns work on huggingface.co.
+DEFAULT_ALLOW_PATTERNS = ("onnx/model.onnx", "*.json", "vocab.txt", "1_Pooling/*")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Protocol(StrEnum):
+    """How the served model is spoken to."""
+
+    OPENAI_EMBEDDINGS = "openai-embeddings"
+    OPENAI_CHAT = "openai-chat"
+
+
+class HubSource(_Frozen):
+    """Where the weights come from."""
+
+    repo_id: str = Field(
+        title="Repository",
+        description="Hub repository id, `owner/name` (e.g. `sentence-transformers/all-MiniLM-L6-v2`).",
+        examples=["gantry-demo/all-MiniLM-L6-v2"],
+    )
+    revision: str = Field(
+        default="main",
+        title="Revision",
+        description="Branch, tag or commit sha. It is resolved to a commit sha before "
+        "anything is downloaded, and only the commit is used from then on.",
+        min_length=1,
+        max_length=255,
+    )
+    endpoint: str | None = Field(
+        default=None,
+        title="Hub endpoint",
+        description="Base URL of the Hub API. Empty: $HF_ENDPOINT, else https://huggingface.co.",
+    )
+    allow_patterns: tuple[str, ...] = Field(
+        default=DEFAULT_ALLOW_PATTERNS,
+        title="Files to download",
+        description="Glob patterns of repository files to download (fnmatch, as in "
+        "huggingface_hub's allow_patterns).",
+        min_length=1,
+    )
+    token_env: str = Field(
+        default="HF_TOKEN",
+        title="Token variable",
+        description="Name of the environment variable that holds the Hub token for gated or "
+        "private repositories. The token itself never goes in a spec.",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+    )
+    timeout_s: float = Field(
+        default=60, gt=0, le=3600, title="Request timeout (s)",
+        description="Timeout of each Hub request, in seconds.",
+    )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        if not _REPO_ID.match(v) or ".." in v:
+            raise ValueError("must look like `owner/name` (letters, digits, `.`, `_`, `-`)")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL, e.g. https://huggingface.co")
+        return v.rstrip("/")
+
+    @field_validator("allow_patterns")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not p or p.startswith("/") or ".." in p.split("/"):
+                raise ValueError(f"pattern {p!r} must be a relative path glob without `..`")
+        return v
+
+    def resolved_endpoint(self) -> str:
+        """The endpoint to use: the spec's, else $HF_ENDPOINT, else huggingface.co."""
+        return (self.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip(
+            "/"
+        )
+
+
+class RuntimeOptions(_Frozen):
+    """The serving runtime the image is built from."""
+
+    protocol: Protocol = Field(
+        default=Protocol.OPENAI_EMBEDDINGS,
+        title="Inference protocol",
+        description="How clients speak to the model.",
+    )
+    dockerfile_dir: str = Field(
+        default="dockerfiles/runtime",
+        title="Runtime directory",
+        description="Directory (relative to the project root, or absolute) with the runtime's "
+        "Dockerfile, requirements.txt (hash-locked) and server/ code.",
+    )
+
+
+class BuildOptions(_Frozen):
+    """How the image is built and where it goes."""
+
+    repository: str | None = Field(
+        default=None,
+        title="Image repository",
+        description="Repository path in the registry. Empty: `gantry/<name>`.",
+        pattern=r"^[a-z0-9]+([._/-][a-z0-9]+)*$",
+    )
+    target: str = Field(
+        default="production", title="Build target", description="Dockerfile stage to build."
+    )
+    timeout_s: float = Field(
+        default=1800, gt=0, le=7200, title="Build timeout (s)",
+        description="Upper bound for one image build, in seconds.",
+    )
+
+
+class RetryPolicy(_Frozen):
+    """Retries for transient failures only; policy failures never retry."""
+
+    attempts: int = Field(
+        default=3, ge=0, le=10, title="Retries",
+        description="How many times a stage is retried after a transient failure.",
+    )
+    delay_s: float = Field(
+        default=2, ge=0, le=600, title="First retry delay (s)",
+        description="Delay before the first retry; doubles on each further retry.",
+    )
+    jitter: float = Field(
+        default=0.5, ge=0, le=1, title="Jitter",
+        description="Random factor applied to each delay (0 = none).",
+    )
+
+    def delays(self) -> list[float]:
+        """Exponential backoff delays, one per retry."""
+        return [self.delay_s * 2**i for i in range(self.attempts)]
+
+
+class ReleaseSpec(_Frozen):
+    """One release of one model: from a Hub revision to an image in the registry."""
+
+    name: str = Field(
+        title="Model name",
+        description="Short name of the model in Gantry: lowercase letters, digits and `-`. "
+        "It names the image repository and the MLflow registered model.",
+        examples=["minilm"],
+    )
+    source: HubSource = Field(title="Weights source", description="The Hub repository.")
+    runtime: RuntimeOptions = Field(
+        default_factory=RuntimeOptions, title="Runtime", description="The serving runtime."
+    )
+    build: BuildOptions = Field(
+        default_factory=BuildOptions, title="Build", description="Image build options."
+    )
+    retries: RetryPolicy = Field(
+        default_factory=RetryPolicy, title="Retries", description="Retry policy."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(
+                "must be 1-63 lowercase letters, digits or `-`, starting and ending with a "
+                "letter or digit"
+            )
+        return v
+
+    @property
+    def image_repository(self) -> str:
+        return self.build.repository or f"gantry/{self.name}"
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the spec: a release's identity."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def release_id(self) -> str:
+        """Stable id of this release: the same spec always has the same id, so a re-run
+        resumes it instead of starting another."""
+        return f"{self.name}-{self.digest()[:12]}"
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling and nesting)"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid release spec {origin}:\n" + "\n".join(lines)
+
+
+def parse_spec(data: Any, *, origin: str = "") -> ReleaseSpec:
+    """Validate ``data`` (already parsed YAML/JSON) into a spec, or raise SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid release spec {origin}: the top level must be a mapping")
+    try:
+        return ReleaseSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc, origin)) from None
+
+
+def load_spec(path: Path) -> ReleaseSpec:
+    """Read and validate a YAML spec file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist", fix="pass the path of a YAML spec, "
+                        "e.g. examples/minilm-demo.yaml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
+    return parse_spec(data, origin=f"in {path}")

@@ -1,0 +1,286 @@
+"""Stage `weights`: the model files at a pinned commit, verified, in a local cache.
+
+The cache is content-addressed: every file is stored once under ``blobs/sha256/<hex>``
+and a snapshot (``snapshots/<owner>/<name>/<commit>.<selection>/``) is a tree of hard
+links to blobs, completed by its manifest written last. So a second run at the same
+commit downloads nothing, a revision that shares files with a cached one downloads only
+the difference, and a run killed at any point leaves no half-snapshot a re-run could
+mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from gantry.adapters.hub import HubClient, HubFile, RepoSnapshot, check_relative_path
+from gantry.errors import ChecksumMismatchError, DiskFullError, HubError
+from gantry.manifest import ManifestEntry, WeightsManifest, git_blob_oid, hash_many, sha256_file
+from gantry.results import WeightsResult
+from gantry.spec import HubSource
+from tasks._retry import retry_transient
+
+log = logging.getLogger("gantry.weights")
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class WeightStore:
+    """The content-addressed weights cache under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs" / "sha256"
+        self.oids = root / "blobs" / "git-sha1"
+        self.snapshots = root / "snapshots"
+        self.tmp = root / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.blobs, self.oids, self.snapshots, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def snapshot_dir(self, repo_id: str, commit: str, patterns: tuple[str, ...]) -> Path:
+        # The file selection is part of the key: two specs that pick different files from
+        # one commit must not see each other's snapshots.
+        sel = hashlib.sha256("\n".join(sorted(patterns)).encode()).hexdigest()[:10]
+        return self.snapshots / repo_id / f"{commit}.{sel}"
+
+    @staticmethod
+    def manifest_path(snapshot: Path) -> Path:
+        return snapshot.with_name(snapshot.name + ".manifest.json")
+
+    def blob_for(self, f: HubFile) -> Path | None:
+        """A stored blob with this file's content, if the hub told us enough to find one."""
+        if f.lfs_sha256 and (p := self.blobs / f.lfs_sha256).is_file():
+            return p
+        if f.git_oid and (p := self.oids / f.git_oid).is_file():
+            return p
+        return None
+
+    def add_blob(self, src: Path, sha256: str, git_oid: str) -> Path:
+        """Move a verified file into the blob store (atomic; the first writer wins)."""
+        dest = self.blobs / sha256
+        if not dest.exists():
+            src.chmod(0o444)  # cached weights are never edited in place
+            os.replace(src, dest)
+        oid_link = self.oids / git_oid
+        if not oid_link.exists():
+            tmp = self.oids / f".{git_oid}.{os.getpid()}"
+            os.link(dest, tmp)
+            os.replace(tmp, oid_link)
+        return dest
+
+
+def _verify_download(path: Path, f: HubFile, actual_sha: str) -> str:
+    """Check a downloaded file against the hub's metadata; return its git oid."""
+    size = path.stat().st_size
+    if size != f.size:
+        raise ChecksumMismatchError(f.path, f"{f.size} bytes", f"{size} bytes", source="size",
+                                    fix="the download was truncated or altered in transit; "
+                                    "re-run the release to download it again")
+    oid = git_blob_oid(path)
+    if f.lfs_sha256 is not None:
+        if actual_sha != f.lfs_sha256:
+            raise ChecksumMismatchError(
+                f.path, f.lfs_sha256, actual_sha, source="LFS sha256",
+                fix="the hub served content that does not match its own LFS metadata; re-run, "
+                "and if it persists report the repository to its owner",
+            )
+    elif f.git_oid is not None and oid != f.git_oid:
+        raise ChecksumMismatchError(
+            f.path, f.git_oid, oid, source="git blob id",
+            fix="the hub served content that does not match its git blob id; re-run, and if "
+            "it persists report the repository to its owner",
+        )
+    return oid
+
+
+def verify_snapshot(snapshot: Path, manifest: WeightsManifest) -> float:
+    """Re-hash every file of a cached snapshot against its manifest; seconds spent."""
+    t0 = time.monotonic()
+    paths = [snapshot / e.path for e in manifest.files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ChecksumMismatchError(
+            missing[0], "a cached file", "nothing", source="manifest",
+            fix=f"the cached snapshot is incomplete; delete {snapshot} and "
+            f"{WeightStore.manifest_path(snapshot)} and re-run",
+        )
+    actual = hash_many(paths, sha256_file)
+    for entry, got, p in zip(manifest.files, actual, paths, strict=True):
+        if got != entry.sha256:
+            raise ChecksumMismatchError(
+                str(p), entry.sha256, got, source="manifest sha256",
+                fix=f"the cached copy was modified after download; delete {snapshot}, its "
+                f"manifest and the blob {p.resolve()}, then re-run to download it again",
+            )
+    return time.monotonic() - t0
+
+
+def _load_manifest(path: Path) -> WeightsManifest | None:
+    try:
+        return WeightsManifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("ignoring unreadable manifest %s; the snapshot will be rebuilt", path)
+        return None
+
+
+def _result(source: HubSource, revision: str, commit: str, endpoint: str, snapshot: Path,
+            manifest: WeightsManifest, *, downloaded: list[HubFile], verify_s: float
+            ) -> WeightsResult:
+    return WeightsResult(
+        repo_id=source.repo_id, revision=revision, commit=commit, endpoint=endpoint,
+        uri=f"hf://{source.repo_id}@{commit}", manifest_digest=manifest.digest,
+        manifest_path=str(WeightStore.manifest_path(snapshot)), path=str(snapshot),
+        file_count=len(manifest.files), total_bytes=manifest.total_bytes,
+        downloaded_files=len(downloaded), downloaded_bytes=sum(f.size for f in downloaded),
+        verify_seconds=round(verify_s, 3), cached=not downloaded,
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fetch_weights(source: HubSource, store: WeightStore, *, token: str | None = None,
+                  client: HubClient | None = None) -> WeightsResult:
+    """Resolve, download (what is not cached), verify and snapshot the weights.
+
+    A cached snapshot is re-hashed against its manifest on every use, so a file changed
+    on disk fails here, naming it and both digests.
+    """
+    store.ensure_dirs()
+    endpoint = source.resolved_endpoint()
+    hub = client or HubClient(endpoint, token=token, token_env=source.token_env,
+                              timeout_s=source.timeout_s)
+
+    # A full commit sha is immutable: with its snapshot cached, the hub is not asked at all.
+    if _COMMIT.match(source.revision):
+        snap_dir = store.snapshot_dir(source.repo_id, source.revision, source.allow_patterns)
+        if (m := _load_manifest(store.manifest_path(snap_dir))) and snap_dir.is_dir():
+            log.info("weights %s@%s cached; verifying %d files", source.repo_id,
+                     source.revision, len(m.files))
+            secs = verify_snapshot(snap_dir, m)
+            return _result(source, source.revision, source.revision, endpoint, snap_dir, m,
+                           downloaded=[], verify_s=secs)
+
+    log.info("resolving %s@%s on %s", source.repo_id, source.revision, endpoint)
+    snap = hub.resolve(source.repo_id, source.revision, source.allow_patterns)
+    if not snap.files:
+        raise HubError(
+            f"no file of {source.repo_id}@{snap.commit} matches source.allow_patterns "
+            f"{list(source.allow_patterns)}",
+            fix="fix source.allow_patterns (globs over repository paths, e.g. 'onnx/*.onnx')",
+        )
+    log.info("%s resolves to commit %s (%d files, %.1f MiB)", source.revision, snap.commit,
+             len(snap.files), sum(f.size for f in snap.files) / 2**20)
+    snap_dir = store.snapshot_dir(source.repo_id, snap.commit, source.allow_patterns)
+    manifest_path = store.manifest_path(snap_dir)
+
+    if (m := _load_manifest(manifest_path)) and snap_dir.is_dir():
+        _check_manifest_matches_hub(m, snap, snap_dir)
+        log.info("weights cached at %s; verifying %d files", snap_dir, len(m.files))
+        secs = verify_snapshot(snap_dir, m)
+        return _result(source, source.revision, snap.commit, endpoint, snap_dir, m,
+                       downloaded=[], verify_s=secs)
+
+    return _build_snapshot(source, snap, store, hub, snap_dir, endpoint)
+
+
+def _check_manifest_matches_hub(m: WeightsManifest, snap: RepoSnapshot, snap_dir: Path) -> None:
+    listed = {f.path: f for f in snap.files}
+    cached = {e.path: e for e in m.files}
+    if listed.keys() != cached.keys() or any(
+        (f.lfs_sha256 is not None and f.lfs_sha256 != cached[p].sha256)
+        or f.size != cached[p].size
+        for p, f in listed.items()
+    ):
+        raise ChecksumMismatchError(
+            str(snap_dir), f"the hub's listing of {snap.commit}", "a different cached manifest",
+            source="manifest", fix=f"delete {snap_dir} and its manifest, then re-run",
+        )
+
+
+def _build_snapshot(source: HubSource, snap: RepoSnapshot, store: WeightStore, hub: HubClient,
+                    snap_dir: Path, endpoint: str) -> WeightsResult:
+    for f in snap.files:
+        check_relative_path(f.path)
+    need = [f for f in snap.files if store.blob_for(f) is None]
+    have = len(snap.files) - len(need)
+    log.info("downloading %d files (%.1f MiB); %d already in the cache", len(need),
+             sum(f.size for f in need) / 2**20, have)
+    work = Path(tempfile.mkdtemp(prefix="snap-", dir=store.tmp))
+    t_verify = 0.0
+    try:
+        dl = work / "download"
+        dl.mkdir()
+        hub.download(snap, [f.path for f in need], dl)
+        t0 = time.monotonic()
+        got = [dl / f.path for f in need]
+        for f, p in zip(need, got, strict=True):
+            if not p.is_file():
+                raise HubError(f"the hub did not deliver {f.path} of {snap.repo_id}@{snap.commit}")
+        shas = hash_many(got, sha256_file)
+        blobs: dict[str, Path] = {}
+        for f, p, sha in zip(need, got, shas, strict=True):
+            oid = _verify_download(p, f, sha)
+            blobs[f.path] = store.add_blob(p, sha, oid)
+        t_verify = time.monotonic() - t0
+
+        tree = work / "snapshot"
+        entries: list[ManifestEntry] = []
+        for f in snap.files:
+            blob = blobs.get(f.path) or store.blob_for(f)
+            assert blob is not None  # either downloaded just now or found in the store
+            target = tree / f.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(blob, target)
+            entries.append(ManifestEntry(path=f.path, size=blob.stat().st_size, sha256=blob.name))
+        manifest = WeightsManifest.build(snap.repo_id, snap.commit, entries)
+
+        # Publish: the tree first, the manifest last. Only a snapshot with a manifest counts.
+        snap_dir.parent.mkdir(parents=True, exist_ok=True)
+        if snap_dir.exists():
+            shutil.rmtree(snap_dir)  # a leftover of a run killed before its manifest
+        os.replace(tree, snap_dir)
+        _write_atomic(WeightStore.manifest_path(snap_dir),
+                      json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(store.root) from None
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("weights %s@%s: manifest %s", snap.repo_id, snap.commit[:12], manifest.digest[:16])
+    return _result(source, source.revision, snap.commit, endpoint, snap_dir, manifest,
+                   downloaded=need, verify_s=t_verify)
+
+
+@task(name="weights", cache_policy=NO_CACHE, persist_result=False,
+      retry_condition_fn=retry_transient)
+def weights_task(source: HubSource, store_root: str) -> WeightsResult:
+    """Prefect task for stage `weights` (retried on transient hub errors only).
+
+    The token is read here from the variable the spec names, never passed as a parameter,
+    so it cannot end up in the flow run's recorded parameters.
+    """
+    token = os.environ.get(source.token_env) or None
+    return fetch_weights(source, WeightStore(Path(store_root)), token=token)
