@@ -67,10 +67,11 @@ class CommandError(PermanentError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr_tail = stderr_tail
-        super().__init__(
-            f"`{' '.join(self.argv)}` exited with {returncode}: {stderr_tail.strip()[-800:]}",
-            fix=fix,
-        )
+        shown = " ".join(self.argv)
+        if len(shown) > 240:
+            shown = shown[:200] + " … " + shown[-30:]
+        super().__init__(f"`{shown}` exited with {returncode}: {stderr_tail.strip()[-800:]}",
+                         fix=fix)
 
 
 class CommandTimeoutError(TransientError):

@@ -186,6 +186,18 @@ def _ensure_base_images(client: docker_engine.DockerClient, refs: Iterable[str],
                                      work_dir=settings.base_images_dir, log=log)
 
 
+def _append_labels(dockerfile: Path, labels: dict[str, str]) -> None:
+    """Add the release's labels as ONE instruction at the end of the Dockerfile.
+
+    docker-py's ``labels=`` becomes one LABEL step per label, each a layer commit (seconds
+    apiece on slow storage drivers); one line costs one step and keeps every earlier layer
+    cacheable across weights revisions.
+    """
+    text = dockerfile.read_text().rstrip("\n")
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items()))
+    dockerfile.write_text(f"{text}\n# Added by gantry's build stage:\nLABEL {pairs}\n")
+
+
 def _labels_key(ctx_digest: str, labels: dict[str, str], target: str) -> str:
     blob = json.dumps({"ctx": ctx_digest, "labels": labels, "target": target}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -235,9 +247,11 @@ def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
         else:
             _ensure_base_images(client, bases, settings)
             log.info("building %s:%s (context %s)", repository, tag, digest_ctx[:12])
+            _append_labels(ctx / "Dockerfile", labels)
             image_id = docker_engine.build(client, ctx, tag=f"{repository}:{tag}",
-                                           target=spec.build.target, labels=labels,
-                                           timeout_s=spec.build.timeout_s)
+                                           target=spec.build.target, labels={},
+                                           timeout_s=spec.build.timeout_s,
+                                           nocache=os.environ.get("GANTRY_BUILD_NO_CACHE") == "1")
         config = client.api.inspect_image(image_id)["Config"]
         check_image_policy(config, f"{repository}:{tag}")
         if not cached:

@@ -65,7 +65,7 @@ class WeightStore:
         if f.lfs_sha256 and (p := self.blobs / f.lfs_sha256).is_file():
             return p
         if f.git_oid and (p := self.oids / f.git_oid).is_file():
-            return p
+            return p.resolve()  # the index entry links to the sha256-named blob
         return None
 
     def add_blob(self, src: Path, sha256: str, git_oid: str) -> Path:
@@ -76,8 +76,11 @@ class WeightStore:
             os.replace(src, dest)
         oid_link = self.oids / git_oid
         if not oid_link.exists():
+            # Small git-stored files are known to the hub only by their git blob id: index
+            # them by it too, as a relative symlink to the sha256-named blob.
             tmp = self.oids / f".{git_oid}.{os.getpid()}"
-            os.link(dest, tmp)
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(Path("..") / "sha256" / sha256)
             os.replace(tmp, oid_link)
         return dest
 

@@ -19,3 +19,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "e2e": "a whole release through the CLI",
     }.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+from tests.support import gantry_env  # noqa: E402,F401  (the session fixture)

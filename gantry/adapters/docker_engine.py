@@ -42,6 +42,11 @@ def connect(timeout_s: float = 600) -> DockerClient:
     return client
 
 
+def _api(timeout_s: float) -> docker.APIClient:
+    """A low-level client with its own timeout, for the long calls (build, push, pull)."""
+    return docker.from_env(timeout=int(timeout_s)).api
+
+
 def image_exists(client: DockerClient, ref: str) -> bool:
     try:
         client.images.get(ref)
@@ -54,7 +59,7 @@ _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
 
 
 def build(client: DockerClient, context: Path, *, tag: str, target: str | None,
-          labels: Mapping[str, str], timeout_s: float) -> str:
+          labels: Mapping[str, str], timeout_s: float, nocache: bool = False) -> str:
     """Build ``context`` (legacy builder, no pull) and return the image id.
 
     Streams the build log to the logger step by step; a failing step raises BuildError with
@@ -62,11 +67,11 @@ def build(client: DockerClient, context: Path, *, tag: str, target: str | None,
     """
     tail: list[str] = []
     image_id: str | None = None
-    api = docker.APIClient(base_url=client.api.base_url, timeout=int(timeout_s))
+    api = _api(timeout_s)
     try:
         stream: Iterator[dict[str, Any]] = api.build(
             path=str(context), tag=tag, target=target, labels=dict(labels), rm=True,
-            forcerm=True, pull=False, decode=True,
+            forcerm=True, pull=False, decode=True, nocache=nocache,
         )
         for chunk in stream:
             if "error" in chunk:
@@ -98,7 +103,7 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 def push(client: DockerClient, repository: str, tag: str, timeout_s: float) -> str:
     """Push ``repository:tag``; return the manifest digest the registry reports."""
-    api = docker.APIClient(base_url=client.api.base_url, timeout=int(timeout_s))
+    api = _api(timeout_s)
     digest: str | None = None
     try:
         for chunk in api.push(repository, tag=tag, stream=True, decode=True):
@@ -154,9 +159,11 @@ def image_size(client: DockerClient, image_id: str) -> int:
 def pull(client: DockerClient, ref: str, timeout_s: float) -> bool:
     """Try to pull ``ref``; False (not an error) when no registry serves it here."""
     try:
-        api = docker.APIClient(base_url=client.api.base_url, timeout=int(timeout_s))
+        api = _api(timeout_s)
         try:
-            repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+            repo, sep, tag = ref.rpartition(":")
+            if not sep or "/" in tag:
+                repo, tag = ref, "latest"
             for chunk in api.pull(repo, tag=tag, stream=True, decode=True):
                 if "error" in chunk:
                     log.info("pull of %s failed: %s", ref, chunk["error"])

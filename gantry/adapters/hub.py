@@ -37,6 +37,14 @@ from gantry.errors import (
 )
 from gantry.proc import redact_text
 
+try:  # huggingface_hub >= 2 speaks HTTP through httpx2, 1.x through httpx
+    import httpx2
+
+    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError,
+                                                          httpx2.TransportError)
+except ImportError:  # pragma: no cover
+    _TRANSPORT_ERRORS = (httpx.TransportError,)
+
 log = logging.getLogger(__name__)
 
 
@@ -143,8 +151,8 @@ def _map_error(exc: BaseException, *, repo_id: str, revision: str, endpoint: str
                 "keeps failing",
             )
         return HubError(f"{endpoint} answered {status} for {repo_id}: {text}")
-    if isinstance(exc, httpx.TransportError | hf_errors.OfflineModeIsEnabled | ConnectionError
-                  | TimeoutError):
+    if isinstance(exc, (*_TRANSPORT_ERRORS, hf_errors.OfflineModeIsEnabled, ConnectionError,
+                        TimeoutError)):
         return HubUnavailableError(
             f"cannot reach the hub at {endpoint}: {text}",
             fix="check the endpoint is up and reachable (source.endpoint or $HF_ENDPOINT; "

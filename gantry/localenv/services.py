@@ -222,8 +222,7 @@ def hub_service(settings: Settings) -> ManagedProcess:
         name="hub",
         argv=[sys.executable, "-m", "gantry.localhub", "serve", "--root",
               str(settings.hub_dir / "store"), "--host", host, "--port", str(port),
-              "--request-log", str(settings.services_dir / "hub-requests.jsonl"),
-              "--token-file", str(settings.hub_dir / "tokens.txt")],
+              "--request-log", str(settings.services_dir / "hub-requests.jsonl")],
         host=host, port=port, health_path="/_gantry/stats", run_dir=settings.services_dir,
         startup_timeout_s=30, port_env_var="GANTRY_HUB_ADDR",
     )
@@ -238,7 +237,9 @@ def prefect_env(settings: Settings) -> dict[str, str]:
         "PREFECT_UI_API_URL": settings.prefect_api_url,
         # Both knobs: the ephemeral server (if ever used) and our own startup wait.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        # Stage logs (stdlib loggers under "gantry") go to the flow run's log in the UI.
         "PREFECT_LOGGING_EXTRA_LOGGERS": "gantry",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
 
 

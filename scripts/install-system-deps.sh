@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Install the Debian packages Gantry needs on the host, only those that are missing.
+#
+#   debootstrap      builds the local stand-ins for the base images (gantry.localenv.baseimages)
+#   docker-registry  the distribution registry v2 binary Gantry runs as its embedded registry
+#   wrk              the load generator of the benchmarks
+#
+# Idempotent: when everything is installed it changes nothing and touches no network.
+# Runs as root, or through sudo when that is available.
+#
+# Note: the docker-registry package ships a service unit that listens on port 5000 when the
+# init system starts it. Gantry never uses that instance: it runs its own registry process
+# on another port (GANTRY_LOCAL_REGISTRY_ADDR, default 127.0.0.1:5075), so a system one is
+# harmless; `systemctl disable --now docker-registry` stops it if the port is wanted.
+set -euo pipefail
+
+PACKAGES=(debootstrap docker-registry wrk)
+
+say() { printf 'install-system-deps: %s\n' "$*"; }
+
+if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then
+    say "apt-get/dpkg-query not found: this script supports Debian-based hosts only;" \
+        "install ${PACKAGES[*]} with your package manager" >&2
+    exit 1
+fi
+
+if [[ ${EUID} -eq 0 ]]; then
+    SUDO=()
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+else
+    SUDO=()
+fi
+
+installed() {
+    # dpkg-query fails for packages it has never seen; that also means "not installed".
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if installed "${pkg}"; then
+        say "${pkg}: already installed ($(dpkg-query -W -f='${Version}' "${pkg}"))"
+    else
+        missing+=("${pkg}")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    say "nothing to do"
+    exit 0
+fi
+
+if [[ ${EUID} -ne 0 && ${#SUDO[@]} -eq 0 ]]; then
+    say "must install ${missing[*]} but is not root and sudo is not available;" \
+        "re-run as root" >&2
+    exit 1
+fi
+
+say "installing: ${missing[*]}"
+# The package lists may be stale or absent (slim hosts delete them); refresh them only
+# now that something must actually be installed.
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+for pkg in "${missing[@]}"; do
+    if ! installed "${pkg}"; then
+        say "${pkg}: still not installed after apt-get install" >&2
+        exit 1
+    fi
+    say "${pkg}: installed ($(dpkg-query -W -f='${Version}' "${pkg}"))"
+done

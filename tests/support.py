@@ -1,0 +1,100 @@
+"""Test support: an isolated Gantry environment on real services."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Content-verified downloads (wheels, base-image rootfs) are shared with `make demo`.
+SHARED_CACHE = REPO_ROOT / ".gantry" / "cache"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class GantryEnv:
+    """Services started for this test session, isolated from the user's own state."""
+
+    env: dict[str, str]
+    state_dir: Path
+    hub_url: str
+    registry: str
+    repo_id: str
+    revisions: dict[str, str]
+
+    def settings(self) -> object:
+        from gantry.settings import Settings
+
+        return Settings.from_env(self.env)
+
+    def hub_stats(self) -> dict[str, object]:
+        return dict(httpx.get(f"{self.hub_url}/_gantry/stats", timeout=10).json())
+
+    def reset_hub_stats(self) -> None:
+        httpx.delete(f"{self.hub_url}/_gantry/stats", timeout=10).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def gantry_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GantryEnv]:
+    """Registry and Hub endpoint on free ports with a private state dir; torn down after."""
+    from gantry.localenv.services import hub_service, registry_service
+    from gantry.localhub.demo import assemble_demo
+    from gantry.localhub.store import HubStore
+    from gantry.settings import Settings
+
+    state = tmp_path_factory.mktemp("gantry-state")
+    env = {
+        "GANTRY_STATE_DIR": str(state),
+        "GANTRY_CACHE_DIR": str(SHARED_CACHE),
+        "GANTRY_LOCAL_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
+        "GANTRY_HUB_ADDR": f"127.0.0.1:{free_port()}",
+        "GANTRY_PREFECT_PORT": str(free_port()),
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "HF_ENDPOINT", "GANTRY_REGISTRY"]}
+    os.environ.update(env)
+    os.environ.pop("GANTRY_REGISTRY", None)
+    settings = Settings.from_env()
+    demo = assemble_demo(HubStore(settings.hub_dir / "store"), settings.demo_wheels_dir)
+    services = [registry_service(settings), hub_service(settings)]
+    try:
+        for s in services:
+            s.start()
+        os.environ["HF_ENDPOINT"] = settings.hub_url
+        yield GantryEnv(env={**env, "HF_ENDPOINT": settings.hub_url}, state_dir=state,
+                        hub_url=settings.hub_url, registry=settings.registry,
+                        repo_id=demo.repo_id, revisions=demo.revisions())
+    finally:
+        for s in reversed(services):
+            s.stop()
+        _remove_test_images(settings.registry)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _remove_test_images(registry: str) -> None:
+    """Untag what this session pushed to its private registry (layers stay cached)."""
+    with contextlib.suppress(Exception):
+        import docker
+
+        client = docker.from_env(timeout=60)
+        for image in client.images.list():
+            for tag in image.tags:
+                if tag.startswith(registry + "/"):
+                    with contextlib.suppress(Exception):
+                        client.images.remove(tag, noprune=True)
+        client.close()
