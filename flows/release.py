@@ -8,6 +8,7 @@ from prefect.runtime import flow_run
 from gantry.record import Recorder, ReleaseRecord
 from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec
+from tasks._retry import with_retries
 from tasks.build import build_task
 from tasks.weights import weights_task
 
@@ -21,14 +22,10 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
     """
     settings = get_settings()
     rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run.get_id())
-    retry = {
-        "retries": spec.retries.attempts,
-        "retry_delay_seconds": spec.retries.delays() or 0,
-        "retry_jitter_factor": spec.retries.jitter or None,
-    }
+    policy = spec.retries
     weights = rec.run_stage(
         "weights",
-        lambda: weights_task.with_options(**retry)(spec.source, str(settings.weights_dir)),
+        lambda: with_retries(weights_task, policy)(spec.source, str(settings.weights_dir)),
     )
-    rec.run_stage("build", lambda: build_task.with_options(**retry)(spec, weights))
+    rec.run_stage("build", lambda: with_retries(build_task, policy)(spec, weights))
     return rec.succeed()

@@ -27,8 +27,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for noisy in ("httpx", "httpcore", "urllib3", "docker", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -37,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
 def _use_prefect(settings: Settings, *, start: bool) -> str:
     """Point this process at a Prefect API: $PREFECT_API_URL if set, else the embedded
     server (started when ``start``). Must run before Prefect reads its settings."""
-    from gantry.localenv.services import prefect_env, prefect_service  # noqa: PLC0415
+    from gantry.localenv.services import prefect_env, prefect_service
 
     external = os.environ.get("PREFECT_API_URL")
     env = prefect_env(settings)
@@ -54,9 +56,9 @@ def _use_prefect(settings: Settings, *, start: bool) -> str:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from gantry.localenv.services import registry_service  # noqa: PLC0415
-    from gantry.record import load_record, record_path, write_failed_record  # noqa: PLC0415
-    from gantry.spec import load_spec  # noqa: PLC0415
+    from gantry.localenv.services import registry_service
+    from gantry.record import load_record, record_path, write_failed_record
+    from gantry.spec import load_spec
 
     try:
         spec = load_spec(Path(args.spec))
@@ -65,7 +67,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     settings = get_settings()
     try:
-        from gantry.adapters.docker_engine import connect  # noqa: PLC0415
+        from gantry.adapters.docker_engine import connect
 
         connect(timeout_s=30).close()
         if settings.registry_is_local:
@@ -76,7 +78,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         print(write_failed_record(settings.releases_dir, spec, exc))
         return EXIT_FAILED
 
-    from flows.release import release  # noqa: PLC0415 (import after Prefect is configured)
+    from flows.release import release
 
     path = record_path(settings.releases_dir, spec.release_id)
     try:
@@ -84,8 +86,10 @@ def cmd_release(args: argparse.Namespace) -> int:
     except GantryError as exc:
         print(f"gantry: release {spec.release_id} failed: {exc}", file=sys.stderr)
     except Exception as exc:  # an orchestration failure: still leave a record
-        print(f"gantry: release {spec.release_id} crashed: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(
+            f"gantry: release {spec.release_id} crashed: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         if not path.exists():
             write_failed_record(settings.releases_dir, spec, exc)
     if not path.exists():
@@ -100,7 +104,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def _env_summary(settings: Settings) -> dict[str, object]:
-    from gantry.localenv.services import (  # noqa: PLC0415
+    from gantry.localenv.services import (
         hub_service,
         prefect_service,
         registry_service,
@@ -109,24 +113,29 @@ def _env_summary(settings: Settings) -> dict[str, object]:
     services: dict[str, object] = {}
     for factory in (registry_service, hub_service, prefect_service):
         try:
-            services[factory.__name__.removesuffix("_service")] = factory(settings).status(
-            ).model_dump()
+            services[factory.__name__.removesuffix("_service")] = (
+                factory(settings).status().model_dump()
+            )
         except GantryError as exc:
             services[factory.__name__.removesuffix("_service")] = {"error": str(exc)}
     try:
-        from gantry.adapters.docker_engine import connect  # noqa: PLC0415
+        from gantry.adapters.docker_engine import connect
 
         c = connect(timeout_s=10)
-        docker_info: object = {"reachable": True, "host": c.api.base_url,
-                               "version": c.version().get("Version")}
+        docker_info: object = {
+            "reachable": True,
+            "host": c.api.base_url,
+            "version": c.version().get("Version"),
+        }
         c.close()
     except GantryError as exc:
         docker_info = {"reachable": False, "error": str(exc)}
     return {
         "state_dir": str(settings.state_dir),
         "prefect_api_url": os.environ.get("PREFECT_API_URL") or settings.prefect_api_url,
-        "prefect_ui_url": (os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
-                           ).removesuffix("/api"),
+        "prefect_ui_url": (
+            os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
+        ).removesuffix("/api"),
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{settings.state_dir / 'mlflow' / 'mlflow.db'}",
         "registry": settings.registry,
@@ -138,26 +147,28 @@ def _env_summary(settings: Settings) -> dict[str, object]:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from gantry.localenv import services as svc  # noqa: PLC0415
+    from gantry.localenv import services as svc
 
     settings = get_settings()
     if args.action == "url":
-        urls = {"hub": settings.hub_url, "registry": settings.registry,
-                "prefect": os.environ.get("PREFECT_API_URL") or settings.prefect_api_url,
-                "state": str(settings.state_dir)}
+        urls = {
+            "hub": settings.hub_url,
+            "registry": settings.registry,
+            "prefect": os.environ.get("PREFECT_API_URL") or settings.prefect_api_url,
+            "state": str(settings.state_dir),
+        }
         print(urls[args.name])
         return EXIT_OK
     if args.action == "up":
-        from gantry.adapters.docker_engine import connect  # noqa: PLC0415
-        from gantry.localhub.demo import assemble_demo  # noqa: PLC0415
-        from gantry.localhub.store import HubStore  # noqa: PLC0415
+        from gantry.adapters.docker_engine import connect
+        from gantry.localhub.demo import assemble_demo
+        from gantry.localhub.store import HubStore
 
         client = connect(timeout_s=30)
         if settings.registry_is_local:
             log.info("registry: %s", svc.registry_service(settings).start().url)
         if not args.no_hub:
-            demo = assemble_demo(HubStore(settings.hub_dir / "store"),
-                                 settings.demo_wheels_dir)
+            demo = assemble_demo(HubStore(settings.hub_dir / "store"), settings.demo_wheels_dir)
             log.info("demo repository %s ready", demo.repo_id)
             log.info("hub: %s", svc.hub_service(settings).start().url)
         if not args.no_prefect:
@@ -177,12 +188,21 @@ def cmd_env(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
     else:
-        for k in ("state_dir", "prefect_api_url", "prefect_ui_url", "mlflow_tracking_uri",
-                  "registry", "hub_endpoint"):
+        for k in (
+            "state_dir",
+            "prefect_api_url",
+            "prefect_ui_url",
+            "mlflow_tracking_uri",
+            "registry",
+            "hub_endpoint",
+        ):
             print(f"{k:<20} {summary[k]}")
         for name, st in dict(summary["services"]).items():  # type: ignore[call-overload]
-            state = ("healthy" if st.get("healthy") else "down") if "error" not in st else (
-                "unavailable")
+            state = (
+                ("healthy" if st.get("healthy") else "down")
+                if "error" not in st
+                else ("unavailable")
+            )
             print(f"service {name:<12} {state}")
         if args.action == "up":
             print(f"\nexport HF_ENDPOINT={settings.hub_url}")
@@ -190,27 +210,29 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _ensure_images(client: object, settings: Settings) -> None:
-    from gantry.localenv.baseimages import ensure_base_image  # noqa: PLC0415
-    from tasks.build import base_images, project_root  # noqa: PLC0415
+    from gantry.localenv.baseimages import ensure_base_image
+    from tasks.build import base_images, project_root
 
     refs: list[str] = []
     for df in sorted((project_root() / "dockerfiles").glob("*/Dockerfile")):
         refs += [r for r in base_images(df.read_text()) if r not in refs]
     for ref in refs:
-        ensure_base_image(ref, docker_client=client, work_dir=settings.base_images_dir,
-                          log=log)
+        ensure_base_image(ref, docker_client=client, work_dir=settings.base_images_dir, log=log)
 
 
 def cmd_spec_schema(args: argparse.Namespace) -> int:
-    from gantry.spec import ReleaseSpec  # noqa: PLC0415
+    from gantry.spec import ReleaseSpec
 
     print(json.dumps(ReleaseSpec.model_json_schema(), indent=2))
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gantry", description=__doc__.split("\n\n")[0] if __doc__
-                                else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="gantry",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

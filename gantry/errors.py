@@ -70,8 +70,9 @@ class CommandError(PermanentError):
         shown = " ".join(self.argv)
         if len(shown) > 240:
             shown = shown[:200] + " … " + shown[-30:]
-        super().__init__(f"`{shown}` exited with {returncode}: {stderr_tail.strip()[-800:]}",
-                         fix=fix)
+        super().__init__(
+            f"`{shown}` exited with {returncode}: {stderr_tail.strip()[-800:]}", fix=fix
+        )
 
 
 class CommandTimeoutError(TransientError):

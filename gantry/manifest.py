@@ -73,8 +73,9 @@ def git_blob_oid(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_many(paths: Sequence[Path], fn: Callable[[Path], str] = sha256_file,
-              workers: int | None = None) -> list[str]:
+def hash_many(
+    paths: Sequence[Path], fn: Callable[[Path], str] = sha256_file, workers: int | None = None
+) -> list[str]:
     """Hash ``paths`` in parallel across cores; results in the order given."""
     if not paths:
         return []

@@ -71,8 +71,12 @@ def which(tool: str, *, env_var: str | None, install_hint: str) -> Path:
     if env_var and (override := os.environ.get(env_var)):
         path = Path(override)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ToolNotFoundError(tool, env_var=None, install_hint=f"{env_var}={override} "
-                                    "is not an executable file; fix the variable or unset it")
+            raise ToolNotFoundError(
+                tool,
+                env_var=None,
+                install_hint=f"{env_var}={override} "
+                "is not an executable file; fix the variable or unset it",
+            )
         return path
     found = shutil.which(tool)
     if found is None:

@@ -77,10 +77,11 @@ def record_path(releases_dir: Path, release_id: str) -> Path:
 
 
 def _error_of(exc: BaseException) -> StageError:
-    from gantry.errors import is_transient  # noqa: PLC0415
+    from gantry.errors import is_transient
 
-    return StageError(type=type(exc).__name__, message=redact_text(str(exc)),
-                      transient=is_transient(exc))
+    return StageError(
+        type=type(exc).__name__, message=redact_text(str(exc)), transient=is_transient(exc)
+    )
 
 
 class Recorder:
@@ -89,8 +90,11 @@ class Recorder:
     def __init__(self, releases_dir: Path, spec: ReleaseSpec, *, flow_run_id: str | None) -> None:
         self.path = record_path(releases_dir, spec.release_id)
         self.record = ReleaseRecord(
-            release_id=spec.release_id, model=spec.name, spec=spec.model_dump(mode="json"),
-            started_at=_now(), flow_run_id=flow_run_id,
+            release_id=spec.release_id,
+            model=spec.name,
+            spec=spec.model_dump(mode="json"),
+            started_at=_now(),
+            flow_run_id=flow_run_id,
             stages={name: StageRecord() for name in STAGES},
         )
         releases_dir.mkdir(parents=True, exist_ok=True)
@@ -130,10 +134,11 @@ class Recorder:
         log.info("stage %s %s in %.1fs", name, "cached" if st.cached else "done", st.duration_s)
         return result
 
-    def _finish(self, status: StageStatus, *, skip_after: str | None = None,
-                error: StageError | None = None) -> None:
+    def _finish(
+        self, status: StageStatus, *, skip_after: str | None = None, error: StageError | None = None
+    ) -> None:
         if skip_after is not None:
-            for later in STAGES[STAGES.index(skip_after) + 1:]:
+            for later in STAGES[STAGES.index(skip_after) + 1 :]:
                 self.record.stages[later].status = StageStatus.SKIPPED
         self.record.status, self.record.error = status, error
         self.record.finished_at = _now()
@@ -150,8 +155,12 @@ def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseExceptio
     path = record_path(releases_dir, spec.release_id)
     releases_dir.mkdir(parents=True, exist_ok=True)
     rec = ReleaseRecord(
-        release_id=spec.release_id, model=spec.name, spec=spec.model_dump(mode="json"),
-        started_at=_now(), finished_at=_now(), status=StageStatus.FAILED,
+        release_id=spec.release_id,
+        model=spec.name,
+        spec=spec.model_dump(mode="json"),
+        started_at=_now(),
+        finished_at=_now(),
+        status=StageStatus.FAILED,
         stages={name: StageRecord(status=StageStatus.SKIPPED) for name in STAGES},
         error=_error_of(exc),
     )

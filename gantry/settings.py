@@ -58,8 +58,9 @@ class Settings(BaseModel):
             cache_dir=Path(e.get("GANTRY_CACHE_DIR") or state_dir / "cache"),
             registry=_hostport(registry, "GANTRY_REGISTRY")
             if registry
-            else _hostport(e.get("GANTRY_LOCAL_REGISTRY_ADDR", "127.0.0.1:5075"),
-                           "GANTRY_LOCAL_REGISTRY_ADDR"),
+            else _hostport(
+                e.get("GANTRY_LOCAL_REGISTRY_ADDR", "127.0.0.1:5075"), "GANTRY_LOCAL_REGISTRY_ADDR"
+            ),
             registry_is_local=not registry,
             hub_addr=_hostport(e.get("GANTRY_HUB_ADDR", "127.0.0.1:5076"), "GANTRY_HUB_ADDR"),
             prefect_port=int(e.get("GANTRY_PREFECT_PORT", "4275")),

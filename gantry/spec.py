@@ -44,7 +44,8 @@ class HubSource(_Frozen):
 
     repo_id: str = Field(
         title="Repository",
-        description="Hub repository id, `owner/name` (e.g. `sentence-transformers/all-MiniLM-L6-v2`).",
+        description="Hub repository id, `owner/name` "
+        "(e.g. `sentence-transformers/all-MiniLM-L6-v2`).",
         examples=["gantry-demo/all-MiniLM-L6-v2"],
     )
     revision: str = Field(
@@ -74,8 +75,18 @@ class HubSource(_Frozen):
         "private repositories. The token itself never goes in a spec.",
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
     )
+    token_secret: str | None = Field(
+        default=None,
+        title="Token secret block",
+        description="Name of a Prefect Secret block holding the Hub token, used when the "
+        "token variable is unset (e.g. on workers that get secrets from Prefect).",
+        pattern=r"^[a-z0-9-]+$",
+    )
     timeout_s: float = Field(
-        default=60, gt=0, le=3600, title="Request timeout (s)",
+        default=60,
+        gt=0,
+        le=3600,
+        title="Request timeout (s)",
         description="Timeout of each Hub request, in seconds.",
     )
 
@@ -105,9 +116,7 @@ class HubSource(_Frozen):
 
     def resolved_endpoint(self) -> str:
         """The endpoint to use: the spec's, else $HF_ENDPOINT, else huggingface.co."""
-        return (self.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip(
-            "/"
-        )
+        return (self.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/")
 
 
 class RuntimeOptions(_Frozen):
@@ -139,7 +148,10 @@ class BuildOptions(_Frozen):
         default="production", title="Build target", description="Dockerfile stage to build."
     )
     timeout_s: float = Field(
-        default=1800, gt=0, le=7200, title="Build timeout (s)",
+        default=1800,
+        gt=0,
+        le=7200,
+        title="Build timeout (s)",
         description="Upper bound for one image build, in seconds.",
     )
 
@@ -148,15 +160,24 @@ class RetryPolicy(_Frozen):
     """Retries for transient failures only; policy failures never retry."""
 
     attempts: int = Field(
-        default=3, ge=0, le=10, title="Retries",
+        default=3,
+        ge=0,
+        le=10,
+        title="Retries",
         description="How many times a stage is retried after a transient failure.",
     )
     delay_s: float = Field(
-        default=2, ge=0, le=600, title="First retry delay (s)",
+        default=2,
+        ge=0,
+        le=600,
+        title="First retry delay (s)",
         description="Delay before the first retry; doubles on each further retry.",
     )
     jitter: float = Field(
-        default=0.5, ge=0, le=1, title="Jitter",
+        default=0.5,
+        ge=0,
+        le=1,
+        title="Jitter",
         description="Random factor applied to each delay (0 = none).",
     )
 
@@ -237,8 +258,10 @@ def load_spec(path: Path) -> ReleaseSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"spec file {path} does not exist", fix="pass the path of a YAML spec, "
-                        "e.g. examples/minilm-demo.yaml") from None
+        raise SpecError(
+            f"spec file {path} does not exist",
+            fix="pass the path of a YAML spec, e.g. examples/minilm-demo.yaml",
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read spec file {path}: {exc}") from None
     try:

@@ -26,8 +26,11 @@ _REQ = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 _HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
 # glibc of Debian bookworm is 2.36: any manylinux tag up to it runs in the image.
-_MANYLINUX = ["manylinux_2_%d_{arch}" % n for n in range(36, 16, -1)] + [
-    "manylinux2014_{arch}", "manylinux2010_{arch}", "manylinux1_{arch}"]
+_MANYLINUX = [f"manylinux_2_{n}_{{arch}}" for n in range(36, 16, -1)] + [
+    "manylinux2014_{arch}",
+    "manylinux2010_{arch}",
+    "manylinux1_{arch}",
+]
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,16 @@ def parse_lock(text: str) -> list[Requirement]:
             continue
         m = _REQ.match(line)
         if not m:
-            raise BuildError(f"lock file line {lineno} is not `name==version --hash=...`: {line}",
-                             fix="regenerate the lock file with --generate-hashes")
+            raise BuildError(
+                f"lock file line {lineno} is not `name==version --hash=...`: {line}",
+                fix="regenerate the lock file with --generate-hashes",
+            )
         hashes = frozenset(_HASH.findall(line))
         if not hashes:
-            raise BuildError(f"lock file pin {m[1]}=={m[2]} has no --hash",
-                             fix="regenerate the lock file with --generate-hashes")
+            raise BuildError(
+                f"lock file pin {m[1]}=={m[2]} has no --hash",
+                fix="regenerate the lock file with --generate-hashes",
+            )
         reqs.append(Requirement(m[1].lower().replace("_", "-"), m[2], hashes))
     return reqs
 
@@ -89,27 +96,55 @@ class Wheelhouse:
                 found[r.name] = hit
         return found, missing
 
-    def ensure(self, lock: Path, *, python_version: str, arch: str, timeout_s: float = 900
-               ) -> list[Path]:
+    def ensure(
+        self, lock: Path, *, python_version: str, arch: str, timeout_s: float = 900
+    ) -> list[Path]:
         """Every wheel of ``lock`` for the image's platform, downloading only what is missing."""
         reqs = parse_lock(lock.read_text())
         self.root.mkdir(parents=True, exist_ok=True)
         found, missing = self.find(reqs)
         if missing:
-            log.info("downloading %d wheels for the image (%s)", len(missing),
-                     ", ".join(f"{r.name}=={r.version}" for r in missing[:8]))
+            log.info(
+                "downloading %d wheels for the image (%s)",
+                len(missing),
+                ", ".join(f"{r.name}=={r.version}" for r in missing[:8]),
+            )
             sub = self.root / f".partial-{hashlib.sha256(lock.read_bytes()).hexdigest()[:8]}"
             sub.mkdir(exist_ok=True)
             req_file = sub / "requirements.txt"
-            req_file.write_text("".join(
-                f"{r.name}=={r.version} " + " ".join(f"--hash=sha256:{h}" for h in sorted(r.hashes))
-                + "\n" for r in missing))
+            req_file.write_text(
+                "".join(
+                    f"{r.name}=={r.version} "
+                    + " ".join(f"--hash=sha256:{h}" for h in sorted(r.hashes))
+                    + "\n"
+                    for r in missing
+                )
+            )
             platforms = [a for t in _MANYLINUX for a in ("--platform", t.format(arch=arch))]
-            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--require-hashes", "--python-version", python_version, "--implementation", "cp",
-                 *platforms, "-d", str(sub), "-r", str(req_file), "--progress-bar", "off"],
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--require-hashes",
+                    "--python-version",
+                    python_version,
+                    "--implementation",
+                    "cp",
+                    *platforms,
+                    "-d",
+                    str(sub),
+                    "-r",
+                    str(req_file),
+                    "--progress-bar",
+                    "off",
+                ],
                 timeout_s=timeout_s,
-                fix="check that PyPI (or PIP_INDEX_URL) is reachable from this host")
+                fix="check that PyPI (or PIP_INDEX_URL) is reachable from this host",
+            )
             index = self._index()
             for whl in sub.glob("*.whl"):
                 digest = sha256_file(whl)

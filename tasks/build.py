@@ -38,10 +38,26 @@ from tasks._retry import retry_transient
 log = logging.getLogger("gantry.build")
 
 #: File types that hold model weights; none may enter an image.
-WEIGHT_SUFFIXES = frozenset({
-    ".onnx", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".h5",
-    ".msgpack", ".tflite", ".pb", ".npz", ".mlmodel", ".engine", ".plan",
-})
+WEIGHT_SUFFIXES = frozenset(
+    {
+        ".onnx",
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".gguf",
+        ".ggml",
+        ".h5",
+        ".msgpack",
+        ".tflite",
+        ".pb",
+        ".npz",
+        ".mlmodel",
+        ".engine",
+        ".plan",
+    }
+)
 #: Anything this big that is not a wheel is suspicious in a runtime context.
 MAX_CONTEXT_FILE_BYTES = 64 << 20
 _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", re.I | re.M)
@@ -54,12 +70,14 @@ def project_root() -> Path:
 def runtime_dir(spec: ReleaseSpec) -> Path:
     """The runtime directory named by the spec: absolute, else under CWD or the project."""
     p = Path(spec.runtime.dockerfile_dir)
-    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, project_root() / p]):
+    for cand in [p] if p.is_absolute() else [Path.cwd() / p, project_root() / p]:
         if (cand / "Dockerfile").is_file():
             return cand.resolve()
-    raise ConfigError(f"no Dockerfile in runtime directory {spec.runtime.dockerfile_dir!r}",
-                      fix="set runtime.dockerfile_dir to a directory holding a Dockerfile, "
-                      "requirements.txt and server/")
+    raise ConfigError(
+        f"no Dockerfile in runtime directory {spec.runtime.dockerfile_dir!r}",
+        fix="set runtime.dockerfile_dir to a directory holding a Dockerfile, "
+        "requirements.txt and server/",
+    )
 
 
 def base_images(dockerfile_text: str) -> list[str]:
@@ -84,21 +102,25 @@ def check_no_weights(context: Path, weights: WeightsManifest | None) -> None:
         if not p.is_file():
             continue
         rel = p.relative_to(context)
-        fix = (f"remove {rel} from the runtime directory (or exclude it in .dockerignore): "
-               "weights are mounted read-only at run time, never baked into the image")
+        fix = (
+            f"remove {rel} from the runtime directory (or exclude it in .dockerignore): "
+            "weights are mounted read-only at run time, never baked into the image"
+        )
         if p.suffix.lower() in WEIGHT_SUFFIXES:
             raise WeightsInContextError(f"the build context holds a weights file: {rel}", fix=fix)
         size = p.stat().st_size
         if size > MAX_CONTEXT_FILE_BYTES and p.suffix != ".whl":
             raise WeightsInContextError(
                 f"the build context holds {rel} ({size / 2**20:.0f} MiB), too big for runtime "
-                "code; it looks like weights", fix=fix)
+                "code; it looks like weights",
+                fix=fix,
+            )
         if size in weight_sizes:
             digest = sha256_file(p)
             if digest in weight_shas:
                 raise WeightsInContextError(
-                    f"{rel} in the build context is the weights file {weight_shas[digest]}",
-                    fix=fix)
+                    f"{rel} in the build context is the weights file {weight_shas[digest]}", fix=fix
+                )
 
 
 def context_digest(context: Path) -> str:
@@ -115,8 +137,11 @@ def _dockerignored(rt: Path) -> list[str]:
     ignore = rt / ".dockerignore"
     if not ignore.is_file():
         return []
-    return [ln.strip() for ln in ignore.read_text().splitlines()
-            if ln.strip() and not ln.startswith("#")]
+    return [
+        ln.strip()
+        for ln in ignore.read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
 
 
 def assemble_context(rt: Path, wheels: Sequence[Path], dest: Path) -> None:
@@ -126,11 +151,16 @@ def assemble_context(rt: Path, wheels: Sequence[Path], dest: Path) -> None:
         if (rt / name).is_file():
             shutil.copy2(rt / name, dest / name)
     if not (dest / "requirements.txt").is_file():
-        raise ConfigError(f"{rt} has no requirements.txt",
-                          fix="add a hash-locked requirements.txt beside the Dockerfile")
+        raise ConfigError(
+            f"{rt} has no requirements.txt",
+            fix="add a hash-locked requirements.txt beside the Dockerfile",
+        )
     if (rt / "server").is_dir():
-        shutil.copytree(rt / "server", dest / "server",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*cache"))
+        shutil.copytree(
+            rt / "server",
+            dest / "server",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*cache"),
+        )
     wh = dest / "wheelhouse"
     wh.mkdir()
     for w in wheels:
@@ -155,20 +185,27 @@ def check_image_policy(config: dict[str, object], image: str) -> None:
     """The production stage must run as non-root and carry a healthcheck with a start period."""
     user = str(config.get("User") or "")
     if user.split(":")[0] in ("", "root", "0"):
-        raise BuildError(f"{image} runs as root (USER is {user or 'unset'})",
-                         fix="add a non-root `USER <uid>:<gid>` to the Dockerfile's last stage")
+        raise BuildError(
+            f"{image} runs as root (USER is {user or 'unset'})",
+            fix="add a non-root `USER <uid>:<gid>` to the Dockerfile's last stage",
+        )
     hc = config.get("Healthcheck")
     if not isinstance(hc, dict) or not hc.get("Test") or hc["Test"][0] == "NONE":
-        raise BuildError(f"{image} has no HEALTHCHECK",
-                         fix="add `HEALTHCHECK --start-period=... CMD ...` to the Dockerfile")
+        raise BuildError(
+            f"{image} has no HEALTHCHECK",
+            fix="add `HEALTHCHECK --start-period=... CMD ...` to the Dockerfile",
+        )
     if not hc.get("StartPeriod"):
-        raise BuildError(f"{image} has a HEALTHCHECK without a start period",
-                         fix="add --start-period (at least 2x the model's measured cold start)")
+        raise BuildError(
+            f"{image} has a HEALTHCHECK without a start period",
+            fix="add --start-period (at least 2x the model's measured cold start)",
+        )
 
 
-def _ensure_base_images(client: docker_engine.DockerClient, refs: Iterable[str],
-                        settings: Settings) -> None:
-    from gantry.localenv import baseimages  # noqa: PLC0415 (debootstrap code is only needed here)
+def _ensure_base_images(
+    client: docker_engine.DockerClient, refs: Iterable[str], settings: Settings
+) -> None:
+    from gantry.localenv import baseimages
 
     mode = os.environ.get("GANTRY_BASE_IMAGES", "auto")
     for ref in refs:
@@ -178,12 +215,15 @@ def _ensure_base_images(client: docker_engine.DockerClient, refs: Iterable[str],
             log.info("pulled base image %s", ref)
             continue
         if mode == "pull":
-            raise BaseImageError(f"base image {ref} could not be pulled",
-                                 fix="check registry access, or set GANTRY_BASE_IMAGES=auto to "
-                                 "build a local stand-in from Debian packages")
+            raise BaseImageError(
+                f"base image {ref} could not be pulled",
+                fix="check registry access, or set GANTRY_BASE_IMAGES=auto to "
+                "build a local stand-in from Debian packages",
+            )
         log.info("base image %s cannot be pulled; building a local stand-in", ref)
-        baseimages.ensure_base_image(ref, docker_client=client,
-                                     work_dir=settings.base_images_dir, log=log)
+        baseimages.ensure_base_image(
+            ref, docker_client=client, work_dir=settings.base_images_dir, log=log
+        )
 
 
 def _append_labels(dockerfile: Path, labels: dict[str, str]) -> None:
@@ -203,8 +243,12 @@ def _labels_key(ctx_digest: str, labels: dict[str, str], target: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
-                client: docker_engine.DockerClient | None = None) -> BuildResult:
+def build_image(
+    spec: ReleaseSpec,
+    weights: WeightsResult,
+    settings: Settings,
+    client: docker_engine.DockerClient | None = None,
+) -> BuildResult:
     """Assemble the context, build (or find) the image, push it, return it by digest."""
     t0 = time.monotonic()
     rt = runtime_dir(spec)
@@ -215,9 +259,11 @@ def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
 
     client = client or docker_engine.connect(settings.docker_timeout_s)
     arch = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
-        str(client.info().get("Architecture")), "x86_64")
+        str(client.info().get("Architecture")), "x86_64"
+    )
     wheels = Wheelhouse(settings.wheelhouse_dir).ensure(
-        rt / "requirements.txt", python_version="3.11", arch=arch)
+        rt / "requirements.txt", python_version="3.11", arch=arch
+    )
 
     settings.build_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ctx-", dir=settings.build_dir))
@@ -238,8 +284,9 @@ def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
 
         cached = pushed is not None
         if cached:
-            log.info("image for context %s already pushed as %s:%s", digest_ctx[:12],
-                     repository, tag)
+            log.info(
+                "image for context %s already pushed as %s:%s", digest_ctx[:12], repository, tag
+            )
             if not docker_engine.image_exists(client, f"{repository}:{tag}"):
                 docker_engine.pull(client, f"{repository}:{tag}", timeout_s=spec.build.timeout_s)
             image_id = client.images.get(f"{repository}:{tag}").id
@@ -248,10 +295,15 @@ def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
             _ensure_base_images(client, bases, settings)
             log.info("building %s:%s (context %s)", repository, tag, digest_ctx[:12])
             _append_labels(ctx / "Dockerfile", labels)
-            image_id = docker_engine.build(client, ctx, tag=f"{repository}:{tag}",
-                                           target=spec.build.target, labels={},
-                                           timeout_s=spec.build.timeout_s,
-                                           nocache=os.environ.get("GANTRY_BUILD_NO_CACHE") == "1")
+            image_id = docker_engine.build(
+                client,
+                ctx,
+                tag=f"{repository}:{tag}",
+                target=spec.build.target,
+                labels={},
+                timeout_s=spec.build.timeout_s,
+                nocache=os.environ.get("GANTRY_BUILD_NO_CACHE") == "1",
+            )
         config = client.api.inspect_image(image_id)["Config"]
         check_image_policy(config, f"{repository}:{tag}")
         if not cached:
@@ -261,12 +313,18 @@ def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
         shutil.rmtree(work, ignore_errors=True)
 
     result = BuildResult(
-        image=f"{repository}@{digest}", digest=digest, repository=repository, tag=tag,
-        image_id=image_id, context_digest=f"sha256:{digest_ctx}",
-        dockerfile=str(rt / "Dockerfile"), base_images=tuple(bases),
+        image=f"{repository}@{digest}",
+        digest=digest,
+        repository=repository,
+        tag=tag,
+        image_id=image_id,
+        context_digest=f"sha256:{digest_ctx}",
+        dockerfile=str(rt / "Dockerfile"),
+        base_images=tuple(bases),
         size_bytes=docker_engine.image_size(client, image_id),
         layers=tuple(docker_engine.layers(client, image_id)),
-        labels=dict(config.get("Labels") or {}), build_seconds=round(time.monotonic() - t0, 2),
+        labels=dict(config.get("Labels") or {}),
+        build_seconds=round(time.monotonic() - t0, 2),
         cached=cached,
     )
     log.info("image %s (%.1f MiB)", result.image, result.size_bytes / 2**20)
@@ -276,15 +334,16 @@ def build_image(spec: ReleaseSpec, weights: WeightsResult, settings: Settings,
 def layers_table(result: BuildResult, top: int = 10) -> list[dict[str, str]]:
     """The largest layers, for the build artifact."""
     biggest = sorted(result.layers, key=lambda layer: layer.size_bytes, reverse=True)[:top]
-    return [{"size": f"{layer.size_bytes / 2**20:.1f} MiB", "created by": layer.created_by}
-            for layer in biggest]
+    return [
+        {"size": f"{layer.size_bytes / 2**20:.1f} MiB", "created by": layer.created_by}
+        for layer in biggest
+    ]
 
 
-@task(name="build", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=retry_transient)
+@task(name="build", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_transient)
 def build_task(spec: ReleaseSpec, weights: WeightsResult) -> BuildResult:
     """Prefect task for stage `build`; leaves a table artifact of size and largest layers."""
-    from gantry.settings import get_settings  # noqa: PLC0415
+    from gantry.settings import get_settings
 
     result = build_image(spec, weights, get_settings())
     create_table_artifact(

@@ -25,7 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from gantry.adapters.hub import HubClient, HubFile, RepoSnapshot, check_relative_path
-from gantry.errors import ChecksumMismatchError, DiskFullError, HubError
+from gantry.errors import ChecksumMismatchError, ConfigError, DiskFullError, HubError
 from gantry.manifest import ManifestEntry, WeightsManifest, git_blob_oid, hash_many, sha256_file
 from gantry.results import WeightsResult
 from gantry.spec import HubSource
@@ -89,20 +89,31 @@ def _verify_download(path: Path, f: HubFile, actual_sha: str) -> str:
     """Check a downloaded file against the hub's metadata; return its git oid."""
     size = path.stat().st_size
     if size != f.size:
-        raise ChecksumMismatchError(f.path, f"{f.size} bytes", f"{size} bytes", source="size",
-                                    fix="the download was truncated or altered in transit; "
-                                    "re-run the release to download it again")
+        raise ChecksumMismatchError(
+            f.path,
+            f"{f.size} bytes",
+            f"{size} bytes",
+            source="size",
+            fix="the download was truncated or altered in transit; "
+            "re-run the release to download it again",
+        )
     oid = git_blob_oid(path)
     if f.lfs_sha256 is not None:
         if actual_sha != f.lfs_sha256:
             raise ChecksumMismatchError(
-                f.path, f.lfs_sha256, actual_sha, source="LFS sha256",
+                f.path,
+                f.lfs_sha256,
+                actual_sha,
+                source="LFS sha256",
                 fix="the hub served content that does not match its own LFS metadata; re-run, "
                 "and if it persists report the repository to its owner",
             )
     elif f.git_oid is not None and oid != f.git_oid:
         raise ChecksumMismatchError(
-            f.path, f.git_oid, oid, source="git blob id",
+            f.path,
+            f.git_oid,
+            oid,
+            source="git blob id",
             fix="the hub served content that does not match its git blob id; re-run, and if "
             "it persists report the repository to its owner",
         )
@@ -116,7 +127,10 @@ def verify_snapshot(snapshot: Path, manifest: WeightsManifest) -> float:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ChecksumMismatchError(
-            missing[0], "a cached file", "nothing", source="manifest",
+            missing[0],
+            "a cached file",
+            "nothing",
+            source="manifest",
             fix=f"the cached snapshot is incomplete; delete {snapshot} and "
             f"{WeightStore.manifest_path(snapshot)} and re-run",
         )
@@ -124,7 +138,10 @@ def verify_snapshot(snapshot: Path, manifest: WeightsManifest) -> float:
     for entry, got, p in zip(manifest.files, actual, paths, strict=True):
         if got != entry.sha256:
             raise ChecksumMismatchError(
-                str(p), entry.sha256, got, source="manifest sha256",
+                str(p),
+                entry.sha256,
+                got,
+                source="manifest sha256",
                 fix=f"the cached copy was modified after download; delete {snapshot}, its "
                 f"manifest and the blob {p.resolve()}, then re-run to download it again",
             )
@@ -141,16 +158,32 @@ def _load_manifest(path: Path) -> WeightsManifest | None:
         return None
 
 
-def _result(source: HubSource, revision: str, commit: str, endpoint: str, snapshot: Path,
-            manifest: WeightsManifest, *, downloaded: list[HubFile], verify_s: float
-            ) -> WeightsResult:
+def _result(
+    source: HubSource,
+    revision: str,
+    commit: str,
+    endpoint: str,
+    snapshot: Path,
+    manifest: WeightsManifest,
+    *,
+    downloaded: list[HubFile],
+    verify_s: float,
+) -> WeightsResult:
     return WeightsResult(
-        repo_id=source.repo_id, revision=revision, commit=commit, endpoint=endpoint,
-        uri=f"hf://{source.repo_id}@{commit}", manifest_digest=manifest.digest,
-        manifest_path=str(WeightStore.manifest_path(snapshot)), path=str(snapshot),
-        file_count=len(manifest.files), total_bytes=manifest.total_bytes,
-        downloaded_files=len(downloaded), downloaded_bytes=sum(f.size for f in downloaded),
-        verify_seconds=round(verify_s, 3), cached=not downloaded,
+        repo_id=source.repo_id,
+        revision=revision,
+        commit=commit,
+        endpoint=endpoint,
+        uri=f"hf://{source.repo_id}@{commit}",
+        manifest_digest=manifest.digest,
+        manifest_path=str(WeightStore.manifest_path(snapshot)),
+        path=str(snapshot),
+        file_count=len(manifest.files),
+        total_bytes=manifest.total_bytes,
+        downloaded_files=len(downloaded),
+        downloaded_bytes=sum(f.size for f in downloaded),
+        verify_seconds=round(verify_s, 3),
+        cached=not downloaded,
     )
 
 
@@ -163,8 +196,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def fetch_weights(source: HubSource, store: WeightStore, *, token: str | None = None,
-                  client: HubClient | None = None) -> WeightsResult:
+def fetch_weights(
+    source: HubSource,
+    store: WeightStore,
+    *,
+    token: str | None = None,
+    client: HubClient | None = None,
+) -> WeightsResult:
     """Resolve, download (what is not cached), verify and snapshot the weights.
 
     A cached snapshot is re-hashed against its manifest on every use, so a file changed
@@ -172,18 +210,31 @@ def fetch_weights(source: HubSource, store: WeightStore, *, token: str | None = 
     """
     store.ensure_dirs()
     endpoint = source.resolved_endpoint()
-    hub = client or HubClient(endpoint, token=token, token_env=source.token_env,
-                              timeout_s=source.timeout_s)
+    hub = client or HubClient(
+        endpoint, token=token, token_env=source.token_env, timeout_s=source.timeout_s
+    )
 
     # A full commit sha is immutable: with its snapshot cached, the hub is not asked at all.
     if _COMMIT.match(source.revision):
         snap_dir = store.snapshot_dir(source.repo_id, source.revision, source.allow_patterns)
         if (m := _load_manifest(store.manifest_path(snap_dir))) and snap_dir.is_dir():
-            log.info("weights %s@%s cached; verifying %d files", source.repo_id,
-                     source.revision, len(m.files))
+            log.info(
+                "weights %s@%s cached; verifying %d files",
+                source.repo_id,
+                source.revision,
+                len(m.files),
+            )
             secs = verify_snapshot(snap_dir, m)
-            return _result(source, source.revision, source.revision, endpoint, snap_dir, m,
-                           downloaded=[], verify_s=secs)
+            return _result(
+                source,
+                source.revision,
+                source.revision,
+                endpoint,
+                snap_dir,
+                m,
+                downloaded=[],
+                verify_s=secs,
+            )
 
     log.info("resolving %s@%s on %s", source.repo_id, source.revision, endpoint)
     snap = hub.resolve(source.repo_id, source.revision, source.allow_patterns)
@@ -193,8 +244,13 @@ def fetch_weights(source: HubSource, store: WeightStore, *, token: str | None = 
             f"{list(source.allow_patterns)}",
             fix="fix source.allow_patterns (globs over repository paths, e.g. 'onnx/*.onnx')",
         )
-    log.info("%s resolves to commit %s (%d files, %.1f MiB)", source.revision, snap.commit,
-             len(snap.files), sum(f.size for f in snap.files) / 2**20)
+    log.info(
+        "%s resolves to commit %s (%d files, %.1f MiB)",
+        source.revision,
+        snap.commit,
+        len(snap.files),
+        sum(f.size for f in snap.files) / 2**20,
+    )
     snap_dir = store.snapshot_dir(source.repo_id, snap.commit, source.allow_patterns)
     manifest_path = store.manifest_path(snap_dir)
 
@@ -202,8 +258,16 @@ def fetch_weights(source: HubSource, store: WeightStore, *, token: str | None = 
         _check_manifest_matches_hub(m, snap, snap_dir)
         log.info("weights cached at %s; verifying %d files", snap_dir, len(m.files))
         secs = verify_snapshot(snap_dir, m)
-        return _result(source, source.revision, snap.commit, endpoint, snap_dir, m,
-                       downloaded=[], verify_s=secs)
+        return _result(
+            source,
+            source.revision,
+            snap.commit,
+            endpoint,
+            snap_dir,
+            m,
+            downloaded=[],
+            verify_s=secs,
+        )
 
     return _build_snapshot(source, snap, store, hub, snap_dir, endpoint)
 
@@ -212,24 +276,36 @@ def _check_manifest_matches_hub(m: WeightsManifest, snap: RepoSnapshot, snap_dir
     listed = {f.path: f for f in snap.files}
     cached = {e.path: e for e in m.files}
     if listed.keys() != cached.keys() or any(
-        (f.lfs_sha256 is not None and f.lfs_sha256 != cached[p].sha256)
-        or f.size != cached[p].size
+        (f.lfs_sha256 is not None and f.lfs_sha256 != cached[p].sha256) or f.size != cached[p].size
         for p, f in listed.items()
     ):
         raise ChecksumMismatchError(
-            str(snap_dir), f"the hub's listing of {snap.commit}", "a different cached manifest",
-            source="manifest", fix=f"delete {snap_dir} and its manifest, then re-run",
+            str(snap_dir),
+            f"the hub's listing of {snap.commit}",
+            "a different cached manifest",
+            source="manifest",
+            fix=f"delete {snap_dir} and its manifest, then re-run",
         )
 
 
-def _build_snapshot(source: HubSource, snap: RepoSnapshot, store: WeightStore, hub: HubClient,
-                    snap_dir: Path, endpoint: str) -> WeightsResult:
+def _build_snapshot(
+    source: HubSource,
+    snap: RepoSnapshot,
+    store: WeightStore,
+    hub: HubClient,
+    snap_dir: Path,
+    endpoint: str,
+) -> WeightsResult:
     for f in snap.files:
         check_relative_path(f.path)
     need = [f for f in snap.files if store.blob_for(f) is None]
     have = len(snap.files) - len(need)
-    log.info("downloading %d files (%.1f MiB); %d already in the cache", len(need),
-             sum(f.size for f in need) / 2**20, have)
+    log.info(
+        "downloading %d files (%.1f MiB); %d already in the cache",
+        len(need),
+        sum(f.size for f in need) / 2**20,
+        have,
+    )
     work = Path(tempfile.mkdtemp(prefix="snap-", dir=store.tmp))
     t_verify = 0.0
     try:
@@ -264,8 +340,10 @@ def _build_snapshot(source: HubSource, snap: RepoSnapshot, store: WeightStore, h
         if snap_dir.exists():
             shutil.rmtree(snap_dir)  # a leftover of a run killed before its manifest
         os.replace(tree, snap_dir)
-        _write_atomic(WeightStore.manifest_path(snap_dir),
-                      json.dumps(manifest.model_dump(mode="json"), indent=2).encode())
+        _write_atomic(
+            WeightStore.manifest_path(snap_dir),
+            json.dumps(manifest.model_dump(mode="json"), indent=2).encode(),
+        )
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(store.root) from None
@@ -273,12 +351,21 @@ def _build_snapshot(source: HubSource, snap: RepoSnapshot, store: WeightStore, h
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("weights %s@%s: manifest %s", snap.repo_id, snap.commit[:12], manifest.digest[:16])
-    return _result(source, source.revision, snap.commit, endpoint, snap_dir, manifest,
-                   downloaded=need, verify_s=t_verify)
+    return _result(
+        source,
+        source.revision,
+        snap.commit,
+        endpoint,
+        snap_dir,
+        manifest,
+        downloaded=need,
+        verify_s=t_verify,
+    )
 
 
-@task(name="weights", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=retry_transient)
+@task(
+    name="weights", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_transient
+)
 def weights_task(source: HubSource, store_root: str) -> WeightsResult:
     """Prefect task for stage `weights` (retried on transient hub errors only).
 
@@ -286,4 +373,19 @@ def weights_task(source: HubSource, store_root: str) -> WeightsResult:
     so it cannot end up in the flow run's recorded parameters.
     """
     token = os.environ.get(source.token_env) or None
+    if token is None and source.token_secret:
+        token = _secret(source.token_secret)
     return fetch_weights(source, WeightStore(Path(store_root)), token=token)
+
+
+def _secret(name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()  # type: ignore[union-attr]
+    except ValueError as exc:
+        raise ConfigError(
+            f"Prefect Secret block {name!r} could not be loaded: {exc}",
+            fix="create it (`prefect block create secret`) or unset source.token_secret",
+        ) from None
+    return str(value)

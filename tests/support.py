@@ -72,9 +72,14 @@ def gantry_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GantryEnv]:
         for s in services:
             s.start()
         os.environ["HF_ENDPOINT"] = settings.hub_url
-        yield GantryEnv(env={**env, "HF_ENDPOINT": settings.hub_url}, state_dir=state,
-                        hub_url=settings.hub_url, registry=settings.registry,
-                        repo_id=demo.repo_id, revisions=demo.revisions())
+        yield GantryEnv(
+            env={**env, "HF_ENDPOINT": settings.hub_url},
+            state_dir=state,
+            hub_url=settings.hub_url,
+            registry=settings.registry,
+            repo_id=demo.repo_id,
+            revisions=demo.revisions(),
+        )
     finally:
         for s in reversed(services):
             s.stop()

@@ -27,7 +27,7 @@ from gantry.results import Layer
 
 log = logging.getLogger(__name__)
 
-DockerClient = docker.DockerClient
+from docker import DockerClient as DockerClient  # noqa: E402  (untyped: Any to mypy)
 
 
 def connect(timeout_s: float = 600) -> DockerClient:
@@ -58,8 +58,16 @@ def image_exists(client: DockerClient, ref: str) -> bool:
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
 
 
-def build(client: DockerClient, context: Path, *, tag: str, target: str | None,
-          labels: Mapping[str, str], timeout_s: float, nocache: bool = False) -> str:
+def build(
+    client: DockerClient,
+    context: Path,
+    *,
+    tag: str,
+    target: str | None,
+    labels: Mapping[str, str],
+    timeout_s: float,
+    nocache: bool = False,
+) -> str:
     """Build ``context`` (legacy builder, no pull) and return the image id.
 
     Streams the build log to the logger step by step; a failing step raises BuildError with
@@ -70,16 +78,22 @@ def build(client: DockerClient, context: Path, *, tag: str, target: str | None,
     api = _api(timeout_s)
     try:
         stream: Iterator[dict[str, Any]] = api.build(
-            path=str(context), tag=tag, target=target, labels=dict(labels), rm=True,
-            forcerm=True, pull=False, decode=True, nocache=nocache,
+            path=str(context),
+            tag=tag,
+            target=target,
+            labels=dict(labels),
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
+            nocache=nocache,
         )
         for chunk in stream:
             if "error" in chunk:
                 detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
                 raise BuildError(
                     f"docker build failed: {detail.strip()}\n" + "\n".join(tail[-15:]),
-                    fix="fix the Dockerfile step shown above (the build context is "
-                    f"{context})",
+                    fix=f"fix the Dockerfile step shown above (the build context is {context})",
                 )
             if line := chunk.get("stream", "").rstrip():
                 tail.append(line)
@@ -112,9 +126,8 @@ def push(client: DockerClient, repository: str, tag: str, timeout_s: float) -> s
                 _raise_push_error(repository, msg)
             if aux := chunk.get("aux"):
                 digest = aux.get("Digest", digest)
-            elif (status := chunk.get("status", "")) and "digest:" in status:
-                if m := _DIGEST.search(status):
-                    digest = m[0]
+            elif "digest:" in (status := chunk.get("status", "")) and (m := _DIGEST.search(status)):
+                digest = m[0]
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise RegistryUnavailableError(f"push of {repository}:{tag} broke off: {exc}") from None
     except docker.errors.APIError as exc:
@@ -129,8 +142,20 @@ def push(client: DockerClient, repository: str, tag: str, timeout_s: float) -> s
 def _raise_push_error(repository: str, msg: str) -> None:
     msg = redact_text(msg)
     lowered = msg.lower()
-    if any(s in lowered for s in ("connection refused", "no such host", "timeout", "i/o timeout",
-                                  "503", "502", "500", "eof", "connection reset")):
+    if any(
+        s in lowered
+        for s in (
+            "connection refused",
+            "no such host",
+            "timeout",
+            "i/o timeout",
+            "503",
+            "502",
+            "500",
+            "eof",
+            "connection reset",
+        )
+    ):
         raise RegistryUnavailableError(
             f"the registry for {repository} is unavailable: {msg}",
             fix="check the registry is up (`gantry env status`); the stage retries",

@@ -8,8 +8,8 @@ Gantry's, each naming the fix. Prefect-free.
 from __future__ import annotations
 
 import errno
-import re
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,8 +20,8 @@ import httpx
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.utils import filter_repo_objects
-from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils._paths import filter_repo_objects
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 from pydantic import BaseModel, ConfigDict
 
 from gantry.errors import (
@@ -40,8 +40,10 @@ from gantry.proc import redact_text
 try:  # huggingface_hub >= 2 speaks HTTP through httpx2, 1.x through httpx
     import httpx2
 
-    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError,
-                                                          httpx2.TransportError)
+    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+        httpx.TransportError,
+        httpx2.TransportError,
+    )
 except ImportError:  # pragma: no cover
     _TRANSPORT_ERRORS = (httpx.TransportError,)
 
@@ -91,14 +93,14 @@ def check_relative_path(name: str) -> None:
         )
 
 
-class _LogProgress(hf_tqdm):  # type: ignore[misc]
+class _LogProgress(hf_tqdm):
     """tqdm that reports large downloads to the log every few seconds instead of a bar."""
 
     interval_s: ClassVar[float] = 5.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["disable"] = True  # no terminal bar; we log instead
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._last = time.monotonic()
         self._done = 0
 
@@ -108,20 +110,35 @@ class _LogProgress(hf_tqdm):  # type: ignore[misc]
         total = self.total or 0
         if total > 1 << 20 and now - self._last >= self.interval_s:
             self._last = now
-            log.info("%s: %.1f / %.1f MiB (%.0f%%)", self.desc or "download",
-                     self._done / 2**20, total / 2**20, 100 * self._done / total)
+            log.info(
+                "%s: %.1f / %.1f MiB (%.0f%%)",
+                self.desc or "download",
+                self._done / 2**20,
+                total / 2**20,
+                100 * self._done / total,
+            )
         return super().update(n)  # type: ignore[no-any-return]
 
 
-def _map_error(exc: BaseException, *, repo_id: str, revision: str, endpoint: str,
-               token_env: str, has_token: bool) -> GantryError:
+def _map_error(
+    exc: BaseException,
+    *,
+    repo_id: str,
+    revision: str,
+    endpoint: str,
+    token_env: str,
+    has_token: bool,
+) -> GantryError:
     where = f"{endpoint}/{repo_id}"
     text = redact_text(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, hf_errors.GatedRepoError):
         return GatedRepoError(
             f"{repo_id} is a gated repository and "
-            + ("the token in $" + token_env + " has no access to it" if has_token
-               else "no token was given"),
+            + (
+                "the token in $" + token_env + " has no access to it"
+                if has_token
+                else "no token was given"
+            ),
             fix=f"request access at {where}, then export {token_env}=<a token with read "
             "access> (or set source.token_env to the variable that holds it)",
         )
@@ -151,8 +168,9 @@ def _map_error(exc: BaseException, *, repo_id: str, revision: str, endpoint: str
                 "keeps failing",
             )
         return HubError(f"{endpoint} answered {status} for {repo_id}: {text}")
-    if isinstance(exc, (*_TRANSPORT_ERRORS, hf_errors.OfflineModeIsEnabled, ConnectionError,
-                        TimeoutError)):
+    if isinstance(
+        exc, (*_TRANSPORT_ERRORS, hf_errors.OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    ):
         return HubUnavailableError(
             f"cannot reach the hub at {endpoint}: {text}",
             fix="check the endpoint is up and reachable (source.endpoint or $HF_ENDPOINT; "
@@ -166,8 +184,9 @@ def _map_error(exc: BaseException, *, repo_id: str, revision: str, endpoint: str
 class HubClient:
     """One hub endpoint, with a token (or none) and a timeout per request."""
 
-    def __init__(self, endpoint: str, *, token: str | None, token_env: str,
-                 timeout_s: float) -> None:
+    def __init__(
+        self, endpoint: str, *, token: str | None, token_env: str, timeout_s: float
+    ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._token = token
         self._token_env = token_env
@@ -181,22 +200,31 @@ class HubClient:
         except GantryError:
             raise
         except Exception as exc:
-            raise _map_error(exc, repo_id=repo_id, revision=revision, endpoint=self.endpoint,
-                             token_env=self._token_env, has_token=bool(self._token)) from None
+            raise _map_error(
+                exc,
+                repo_id=repo_id,
+                revision=revision,
+                endpoint=self.endpoint,
+                token_env=self._token_env,
+                has_token=bool(self._token),
+            ) from None
 
-    def resolve(self, repo_id: str, revision: str,
-                allow_patterns: Sequence[str]) -> RepoSnapshot:
+    def resolve(self, repo_id: str, revision: str, allow_patterns: Sequence[str]) -> RepoSnapshot:
         """Resolve ``revision`` to a commit and list the selected files with their digests."""
         with self._mapped(repo_id, revision):
-            info = self._api.model_info(repo_id, revision=revision, files_metadata=True,
-                                        timeout=self.timeout_s)
+            info = self._api.model_info(
+                repo_id, revision=revision, files_metadata=True, timeout=self.timeout_s
+            )
         if not info.sha:
             raise HubError(f"{self.endpoint} did not say which commit {revision!r} is")
         siblings = list(info.siblings or [])
         for s in siblings:
             check_relative_path(s.rfilename)
-        chosen = list(filter_repo_objects(siblings, allow_patterns=list(allow_patterns),
-                                          key=lambda s: s.rfilename))
+        chosen = list(
+            filter_repo_objects(
+                siblings, allow_patterns=list(allow_patterns), key=lambda s: s.rfilename
+            )
+        )
         files = tuple(
             HubFile(
                 path=s.rfilename,
@@ -206,11 +234,13 @@ class HubClient:
             )
             for s in sorted(chosen, key=lambda s: s.rfilename)
         )
-        return RepoSnapshot(repo_id=repo_id, revision=revision, commit=info.sha,
-                            endpoint=self.endpoint, files=files)
+        return RepoSnapshot(
+            repo_id=repo_id, revision=revision, commit=info.sha, endpoint=self.endpoint, files=files
+        )
 
-    def download(self, snap: RepoSnapshot, paths: Sequence[str], dest: Path, *,
-                 max_workers: int = 4) -> None:
+    def download(
+        self, snap: RepoSnapshot, paths: Sequence[str], dest: Path, *, max_workers: int = 4
+    ) -> None:
         """Download ``paths`` of ``snap`` (at its commit, never the moving revision) into
         ``dest``. Verification is the caller's job: the client checks sizes only."""
         if not paths:

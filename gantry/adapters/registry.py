@@ -6,19 +6,22 @@ import httpx
 
 from gantry.errors import RegistryError, RegistryUnavailableError
 
-MANIFEST_TYPES = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
 
 
 class RegistryClient:
     """Plain-HTTP client for a local registry, or HTTPS for a remote one."""
 
-    def __init__(self, address: str, *, timeout_s: float = 30, insecure: bool | None = None
-                 ) -> None:
+    def __init__(
+        self, address: str, *, timeout_s: float = 30, insecure: bool | None = None
+    ) -> None:
         self.address = address
         local = address.startswith(("127.", "localhost", "[::1]"))
         scheme = "http" if (insecure if insecure is not None else local) else "https"
@@ -47,17 +50,21 @@ class RegistryClient:
 
     def manifest_digest(self, repository: str, reference: str) -> str | None:
         """Digest of ``repository:reference`` (tag or digest), or None when absent."""
-        r = self._request("HEAD", f"/v2/{repository}/manifests/{reference}",
-                          headers={"Accept": MANIFEST_TYPES})
+        r = self._request(
+            "HEAD", f"/v2/{repository}/manifests/{reference}", headers={"Accept": MANIFEST_TYPES}
+        )
         if r.status_code == 404:
             return None
         if r.status_code in (401, 403):
-            raise RegistryError(f"registry {self.base} refused to show {repository}",
-                                fix="log in with `docker login` and retry")
+            raise RegistryError(
+                f"registry {self.base} refused to show {repository}",
+                fix="log in with `docker login` and retry",
+            )
         if r.status_code != 200:
-            raise RegistryError(f"registry {self.base} answered {r.status_code} for "
-                                f"{repository}:{reference}")
-        digest = r.headers.get("Docker-Content-Digest")
+            raise RegistryError(
+                f"registry {self.base} answered {r.status_code} for {repository}:{reference}"
+            )
+        digest: str | None = r.headers.get("Docker-Content-Digest")
         if not digest:
             raise RegistryError(f"registry {self.base} sent no Docker-Content-Digest header")
         return digest

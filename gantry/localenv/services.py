@@ -114,8 +114,15 @@ class ManagedProcess:
 
     def status(self) -> ServiceStatus:
         pid = self.pid()
-        return ServiceStatus(name=self.name, url=self.url, managed=True, running=pid is not None,
-                             healthy=self.healthy(), pid=pid, log=str(self.logfile))
+        return ServiceStatus(
+            name=self.name,
+            url=self.url,
+            managed=True,
+            running=pid is not None,
+            healthy=self.healthy(),
+            pid=pid,
+            log=str(self.logfile),
+        )
 
     def _log_tail(self, lines: int = 15) -> str:
         try:
@@ -137,13 +144,18 @@ class ManagedProcess:
                 raise ServiceError(
                     f"{self.name}: port {self.host}:{self.port} is taken by another program",
                     fix=f"stop that program, or choose another port with {self.port_env_var}"
-                    if self.port_env_var else "stop the program that holds the port",
+                    if self.port_env_var
+                    else "stop the program that holds the port",
                 )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with self.logfile.open("ab") as log:
                 proc = subprocess.Popen(
-                    self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, **self.env}, start_new_session=True,
+                    self.argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.env},
+                    start_new_session=True,
                     cwd=self.run_dir,
                 )
             self.pidfile.write_text(f"{proc.pid}\n")
@@ -156,8 +168,9 @@ class ManagedProcess:
                 )
             return self.status()
 
-    def _wait_healthy(self, pid: int, timeout_s: float,
-                      proc: subprocess.Popen[bytes] | None = None) -> bool:
+    def _wait_healthy(
+        self, pid: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+    ) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -195,8 +208,11 @@ def _split(addr: str) -> tuple[str, int]:
 
 def registry_service(settings: Settings) -> ManagedProcess:
     """Debian's `docker-registry` (the CNCF distribution registry v2) on 127.0.0.1."""
-    binary = which("docker-registry", env_var="GANTRY_REGISTRY_BIN",
-                   install_hint="run `make system-deps` (apt-get install docker-registry)")
+    binary = which(
+        "docker-registry",
+        env_var="GANTRY_REGISTRY_BIN",
+        install_hint="run `make system-deps` (apt-get install docker-registry)",
+    )
     host, port = _split(settings.registry)
     run_dir = settings.services_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +225,13 @@ def registry_service(settings: Settings) -> ManagedProcess:
         f"http:\n  addr: {host}:{port}\n"
     )
     return ManagedProcess(
-        name="registry", argv=[str(binary), "serve", str(config)], host=host, port=port,
-        health_path="/v2/", run_dir=run_dir, startup_timeout_s=30,
+        name="registry",
+        argv=[str(binary), "serve", str(config)],
+        host=host,
+        port=port,
+        health_path="/v2/",
+        run_dir=run_dir,
+        startup_timeout_s=30,
         port_env_var="GANTRY_LOCAL_REGISTRY_ADDR",
     )
 
@@ -220,11 +241,26 @@ def hub_service(settings: Settings) -> ManagedProcess:
     host, port = _split(settings.hub_addr)
     return ManagedProcess(
         name="hub",
-        argv=[sys.executable, "-m", "gantry.localhub", "serve", "--root",
-              str(settings.hub_dir / "store"), "--host", host, "--port", str(port),
-              "--request-log", str(settings.services_dir / "hub-requests.jsonl")],
-        host=host, port=port, health_path="/_gantry/stats", run_dir=settings.services_dir,
-        startup_timeout_s=30, port_env_var="GANTRY_HUB_ADDR",
+        argv=[
+            sys.executable,
+            "-m",
+            "gantry.localhub",
+            "serve",
+            "--root",
+            str(settings.hub_dir / "store"),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--request-log",
+            str(settings.services_dir / "hub-requests.jsonl"),
+        ],
+        host=host,
+        port=port,
+        health_path="/_gantry/stats",
+        run_dir=settings.services_dir,
+        startup_timeout_s=30,
+        port_env_var="GANTRY_HUB_ADDR",
     )
 
 
@@ -249,9 +285,22 @@ def prefect_service(settings: Settings) -> ManagedProcess:
     env.pop("PREFECT_API_URL")  # the server itself must not point at itself as a client
     return ManagedProcess(
         name="prefect",
-        argv=[sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-              "--port", str(settings.prefect_port)],
-        host="127.0.0.1", port=settings.prefect_port, health_path="/api/health",
-        run_dir=settings.services_dir, env=env, startup_timeout_s=180,
+        argv=[
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(settings.prefect_port),
+        ],
+        host="127.0.0.1",
+        port=settings.prefect_port,
+        health_path="/api/health",
+        run_dir=settings.services_dir,
+        env=env,
+        startup_timeout_s=180,
         port_env_var="GANTRY_PREFECT_PORT",
     )

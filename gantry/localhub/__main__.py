@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     settings = get_settings()
     host, _, port = settings.hub_addr.rpartition(":")
     parser = argparse.ArgumentParser(
-        prog="python -m gantry.localhub", description=__doc__.split("\n")[0]
+        prog="python -m gantry.localhub",
+        description="Serve the local Hub endpoint, or assemble the demo repository.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -57,13 +58,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except GantryError as exc:  # e.g. a malformed GANTRY_HUB_ADDR
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         store = HubStore(args.root)
         if args.command == "serve":
+            if not store.list_repos():
+                logging.getLogger(__name__).warning(
+                    "%s holds no repositories yet; fill it with `assemble-demo`", args.root
+                )
             app = create_app(store, tokens=args.token, request_log=args.request_log)
             print(
                 f"gantry localhub: serving {args.root} on http://{args.host}:{args.port}",

@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,8 +31,13 @@ pytestmark = pytest.mark.integration
 
 
 def _source(env: GantryEnv, revision: str = "v1", **kw: object) -> HubSource:
-    return HubSource(repo_id=str(kw.pop("repo_id", env.repo_id)), revision=revision,
-                     endpoint=env.hub_url, **kw)  # type: ignore[arg-type]
+    data: dict[str, Any] = {
+        "repo_id": env.repo_id,
+        "revision": revision,
+        "endpoint": env.hub_url,
+        **kw,
+    }
+    return HubSource.model_validate(data)
 
 
 def _downloads(env: GantryEnv) -> int:
@@ -77,8 +83,9 @@ def test_download_verify_and_cache(gantry_env: GantryEnv, tmp_path: Path) -> Non
     assert not list((store.tmp).iterdir())  # no temp leftovers
 
 
-def test_flipped_byte_in_cache_names_file_and_digests(gantry_env: GantryEnv,
-                                                      tmp_path: Path) -> None:
+def test_flipped_byte_in_cache_names_file_and_digests(
+    gantry_env: GantryEnv, tmp_path: Path
+) -> None:
     store = WeightStore(tmp_path / "w")
     res = fetch_weights(_source(gantry_env), store)
     target = Path(res.path) / "onnx" / "model.onnx"
@@ -120,8 +127,11 @@ def test_hub_down_is_transient(tmp_path: Path) -> None:
 
 def test_hub_5xx_is_transient_and_recovers(gantry_env: GantryEnv, tmp_path: Path) -> None:
     faults = f"{gantry_env.hub_url}/_gantry/faults"
-    httpx.post(faults, json={"mode": "status", "status": 503, "count": 20,
-                             "path_contains": "/api/models"}, timeout=10).raise_for_status()
+    httpx.post(
+        faults,
+        json={"mode": "status", "status": 503, "count": 20, "path_contains": "/api/models"},
+        timeout=10,
+    ).raise_for_status()
     try:
         with pytest.raises(HubUnavailableError, match="503") as e:
             fetch_weights(_source(gantry_env), WeightStore(tmp_path / "w"))
@@ -134,15 +144,17 @@ def test_hub_5xx_is_transient_and_recovers(gantry_env: GantryEnv, tmp_path: Path
 def test_truncated_download_leaves_nothing(gantry_env: GantryEnv, tmp_path: Path) -> None:
     store = WeightStore(tmp_path / "w")
     faults = f"{gantry_env.hub_url}/_gantry/faults"
-    httpx.post(faults, json={"mode": "truncate", "count": 50, "path_contains": "model.onnx"},
-               timeout=10).raise_for_status()
+    httpx.post(
+        faults, json={"mode": "truncate", "count": 50, "path_contains": "model.onnx"}, timeout=10
+    ).raise_for_status()
     try:
         with pytest.raises(Exception):  # noqa: B017 (the client or our size check refuses)
             fetch_weights(_source(gantry_env), store)
     finally:
         httpx.delete(faults, timeout=10)
     assert not list(store.blobs.iterdir()) or all(
-        sha256_file(p) == p.name for p in store.blobs.iterdir())
+        sha256_file(p) == p.name for p in store.blobs.iterdir()
+    )
     assert not list(store.tmp.iterdir())
     assert not list(store.snapshots.rglob("*.manifest.json"))
     assert fetch_weights(_source(gantry_env), store).file_count > 3  # and a re-run finishes
@@ -151,8 +163,9 @@ def test_truncated_download_leaves_nothing(gantry_env: GantryEnv, tmp_path: Path
 @contextlib.contextmanager
 def _tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True, timeout=30)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=30
+    )
     try:
         yield path
     finally:
@@ -175,6 +188,10 @@ def test_allow_patterns_select_files(gantry_env: GantryEnv, tmp_path: Path) -> N
     only_json = fetch_weights(_source(gantry_env, allow_patterns=("*.json",)), store)
     full = fetch_weights(_source(gantry_env, allow_patterns=DEFAULT_ALLOW_PATTERNS), store)
     assert only_json.path != full.path  # the selection is part of the cache key
-    names = {e.path for e in WeightsManifest.model_validate_json(
-        Path(only_json.manifest_path).read_bytes()).files}
+    names = {
+        e.path
+        for e in WeightsManifest.model_validate_json(
+            Path(only_json.manifest_path).read_bytes()
+        ).files
+    }
     assert names and all(n.endswith(".json") for n in names)

@@ -34,8 +34,11 @@ def test_project_dockerfiles_have_resolvable_bases() -> None:
 
 
 def _manifest(*files: Path) -> WeightsManifest:
-    return WeightsManifest.build("o/r", "c" * 40, [
-        ManifestEntry(path=f.name, size=f.stat().st_size, sha256=sha256_file(f)) for f in files])
+    return WeightsManifest.build(
+        "o/r",
+        "c" * 40,
+        [ManifestEntry(path=f.name, size=f.stat().st_size, sha256=sha256_file(f)) for f in files],
+    )
 
 
 def test_context_with_weight_suffix_is_refused(tmp_path: Path) -> None:
@@ -86,21 +89,30 @@ def test_image_policy(config: dict[str, object], match: str) -> None:
 
 
 def test_image_policy_accepts_hardened_image() -> None:
-    check_image_policy({"User": "10001:10001",
-                        "Healthcheck": {"Test": ["CMD", "python", "/h.py"], "StartPeriod": 3e10}},
-                       "img")
+    check_image_policy(
+        {
+            "User": "10001:10001",
+            "Healthcheck": {"Test": ["CMD", "python", "/h.py"], "StartPeriod": 3e10},
+        },
+        "img",
+    )
 
 
 def test_parse_lock() -> None:
     text = (
         "# comment\n"
-        "numpy==2.1.0 \\\n    --hash=sha256:" + "a" * 64 + " \\\n    --hash=sha256:" + "b" * 64
+        "numpy==2.1.0 \\\n    --hash=sha256:"
+        + "a" * 64
+        + " \\\n    --hash=sha256:"
+        + "b" * 64
         + "\n    # via onnxruntime\n"
         "Prometheus_Client==0.21.0 --hash=sha256:" + "c" * 64 + "\n"
     )
     reqs = parse_lock(text)
-    assert [(r.name, r.version) for r in reqs] == [("numpy", "2.1.0"),
-                                                   ("prometheus-client", "0.21.0")]
+    assert [(r.name, r.version) for r in reqs] == [
+        ("numpy", "2.1.0"),
+        ("prometheus-client", "0.21.0"),
+    ]
     assert reqs[0].hashes == {"a" * 64, "b" * 64}
     with pytest.raises(BuildError, match="no --hash"):
         parse_lock("numpy==2.1.0\n")

@@ -23,7 +23,8 @@ def test_digest_is_order_independent_and_content_sensitive() -> None:
     b = ManifestEntry(path="onnx/model.onnx", size=2, sha256="1" * 64)
     assert manifest_digest([a, b]) == manifest_digest([b, a])
     expected = hashlib.sha256(
-        f"a.json\t1\t{'0' * 64}\nonnx/model.onnx\t2\t{'1' * 64}\n".encode()).hexdigest()
+        f"a.json\t1\t{'0' * 64}\nonnx/model.onnx\t2\t{'1' * 64}\n".encode()
+    ).hexdigest()
     assert manifest_digest([a, b]) == expected
     b2 = ManifestEntry(path="onnx/model.onnx", size=2, sha256="2" * 64)
     assert manifest_digest([a, b2]) != manifest_digest([a, b])
@@ -40,6 +41,11 @@ def test_hashes_match_reference_tools(tmp_path: Path) -> None:
         files.append(p)
     assert hash_many(files) == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
     assert sha256_file(files[2]) == hashlib.sha256(files[2].read_bytes()).hexdigest()
-    git = subprocess.run(["git", "hash-object", str(files[3])], capture_output=True, text=True,
-                         check=True, timeout=30)
+    git = subprocess.run(
+        ["git", "hash-object", str(files[3])],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     assert git_blob_oid(files[3]) == git.stdout.strip()

@@ -14,7 +14,13 @@ pytestmark = pytest.mark.unit
 def test_redact_argv_hides_secret_flags_and_known_values() -> None:
     argv = ["tool", "--password", "hunter22", "--token=abcd1234", "--x", "s3cr3tvalue"]
     assert redact_argv(argv, ["s3cr3tvalue"]) == [
-        "tool", "--password", "***", "--token=***", "--x", "***"]
+        "tool",
+        "--password",
+        "***",
+        "--token=***",
+        "--x",
+        "***",
+    ]
 
 
 def test_redact_text_patterns() -> None:
@@ -27,16 +33,25 @@ def test_run_captures_and_checks(tmp_path: Path) -> None:
     done = run([sys.executable, "-c", "print('hi')"], timeout_s=30)
     assert done.stdout.strip() == "hi" and done.returncode == 0
     with pytest.raises(CommandError) as e:
-        run([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"],
-            timeout_s=30)
+        run(
+            [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"],
+            timeout_s=30,
+        )
     assert e.value.returncode == 3 and "boom" in str(e.value)
     assert not is_transient(e.value)
 
 
 def test_run_redacts_secret_env_in_errors() -> None:
     with pytest.raises(CommandError) as e:
-        run([sys.executable, "-c", "import os,sys; sys.stderr.write(os.environ['MY_TOKEN']); "
-             "sys.exit(1)"], timeout_s=30, env={"MY_TOKEN": "tok-very-secret"})
+        run(
+            [
+                sys.executable,
+                "-c",
+                "import os,sys; sys.stderr.write(os.environ['MY_TOKEN']); sys.exit(1)",
+            ],
+            timeout_s=30,
+            env={"MY_TOKEN": "tok-very-secret"},
+        )
     assert "tok-very-secret" not in str(e.value)
 
 

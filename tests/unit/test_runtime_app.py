@@ -6,7 +6,6 @@ Runs the real all-MiniLM-L6-v2 int8 ONNX model (see ``tests/_model_fixture.py``)
 from __future__ import annotations
 
 import base64
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,16 +14,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 # The runtime is not part of the gantry package: it ships in its own image. Importing it
 # by its repo path (its modules import each other relatively) keeps mypy able to check it.
-from dockerfiles.runtime.server.gantry_runtime.app import (
+from gantry_runtime.app import (
     Config,
     ConfigError,
     create_app,
 )
-from dockerfiles.runtime.server.gantry_runtime.model import (
+from gantry_runtime.model import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     EmbeddingModel,
@@ -32,6 +30,8 @@ from dockerfiles.runtime.server.gantry_runtime.model import (
     ModelLoadError,
     select_providers,
 )
+from starlette.testclient import TestClient
+
 from tests._model_fixture import DIMENSIONS, MODEL_NAME, ensure_test_model
 
 pytestmark = pytest.mark.unit

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,7 +10,8 @@ from gantry.spec import ReleaseSpec, load_spec, parse_spec
 
 pytestmark = pytest.mark.unit
 
-GOOD = {"name": "minilm", "source": {"repo_id": "gantry-demo/all-MiniLM-L6-v2", "revision": "v1"}}
+SOURCE: dict[str, Any] = {"repo_id": "gantry-demo/all-MiniLM-L6-v2", "revision": "v1"}
+GOOD: dict[str, Any] = {"name": "minilm", "source": SOURCE}
 
 
 def test_defaults_and_release_id_is_stable() -> None:
@@ -17,7 +19,7 @@ def test_defaults_and_release_id_is_stable() -> None:
     assert a.release_id == b.release_id and a.release_id.startswith("minilm-")
     assert a.image_repository == "gantry/minilm"
     assert a.source.allow_patterns  # a default selection exists
-    changed = parse_spec({**GOOD, "source": {**GOOD["source"], "revision": "v2"}})
+    changed = parse_spec({**GOOD, "source": {**SOURCE, "revision": "v2"}})
     assert changed.release_id != a.release_id
 
 
@@ -25,13 +27,15 @@ def test_defaults_and_release_id_is_stable() -> None:
     ("data", "field"),
     [
         ({**GOOD, "colour": "red"}, "colour: unknown field"),
-        ({**GOOD, "source": {**GOOD["source"], "repo": "x"}}, "source.repo: unknown field"),
+        ({**GOOD, "source": {**SOURCE, "repo": "x"}}, "source.repo: unknown field"),
         ({**GOOD, "name": "Mini LM"}, "name:"),
         ({**GOOD, "source": {"repo_id": "no-slash"}}, "source.repo_id:"),
         ({**GOOD, "source": {"repo_id": "a/../b"}}, "source.repo_id:"),
-        ({**GOOD, "source": {**GOOD["source"], "allow_patterns": ["../x"]}},
-         "source.allow_patterns:"),
-        ({**GOOD, "source": {**GOOD["source"], "endpoint": "ftp://x"}}, "source.endpoint:"),
+        (
+            {**GOOD, "source": {**SOURCE, "allow_patterns": ["../x"]}},
+            "source.allow_patterns:",
+        ),
+        ({**GOOD, "source": {**SOURCE, "endpoint": "ftp://x"}}, "source.endpoint:"),
         ({**GOOD, "retries": {"attempts": 99}}, "retries.attempts:"),
         ({"source": GOOD["source"]}, "name: Field required"),
     ],
@@ -65,8 +69,11 @@ def test_load_spec_errors(tmp_path: Path) -> None:
 def test_examples_are_valid() -> None:
     root = Path(__file__).resolve().parents[2] / "examples"
     specs = sorted(root.glob("*.yaml"))
-    assert {p.name for p in specs} >= {"minilm-demo.yaml", "minilm-demo-v2.yaml",
-                                        "minilm-degraded.yaml"}
+    assert {p.name for p in specs} >= {
+        "minilm-demo.yaml",
+        "minilm-demo-v2.yaml",
+        "minilm-degraded.yaml",
+    }
     for p in specs:
         assert isinstance(load_spec(p), ReleaseSpec)
 
@@ -88,5 +95,5 @@ def test_endpoint_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.source.resolved_endpoint() == "https://huggingface.co"
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
     assert spec.source.resolved_endpoint() == "http://127.0.0.1:9"
-    explicit = parse_spec({**GOOD, "source": {**GOOD["source"], "endpoint": "http://h:1/"}})
+    explicit = parse_spec({**GOOD, "source": {**SOURCE, "endpoint": "http://h:1/"}})
     assert explicit.source.resolved_endpoint() == "http://h:1"

@@ -1,0 +1,189 @@
+"""A whole release through `gantry release`, on the real Prefect server, engine, registry
+and hub endpoint. The CLI contract: last line = record path, exit 0/1/2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import REPO_ROOT, GantryEnv
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def prefect_env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
+    from gantry.localenv.services import prefect_env as env_for
+    from gantry.localenv.services import prefect_service
+    from gantry.settings import Settings
+
+    settings = Settings.from_env(gantry_env.env)
+    svc = prefect_service(settings)
+    svc.start()
+    try:
+        yield {**gantry_env.env, **env_for(settings)}
+    finally:
+        svc.stop()
+
+
+def _gantry(
+    env: dict[str, str], *args: str, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "gantry.cli", *args],
+        env=full,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+
+
+def _spec_file(tmp_path: Path, **overrides: object) -> Path:
+    data = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
+    data.update(overrides)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_release_then_cached_rerun(
+    prefect_env: dict[str, str], gantry_env: GantryEnv, tmp_path: Path
+) -> None:
+    spec = _spec_file(tmp_path)
+    first = _gantry(prefect_env, "release", str(spec))
+    assert first.returncode == 0, first.stderr[-3000:]
+    record_path = Path(first.stdout.strip().splitlines()[-1])
+    assert record_path.is_file() and record_path.parent == gantry_env.state_dir / "releases"
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "succeeded" and record["model"] == "minilm"
+    assert set(record["stages"]) >= {"weights", "build"}
+    for name in ("weights", "build"):
+        st = record["stages"][name]
+        assert st["status"] == "succeeded" and isinstance(st["duration_s"], float)
+    assert record["stages"]["build"]["result"]["image"].split("@")[1].startswith("sha256:")
+    assert record["flow_run_id"]
+
+    gantry_env.reset_hub_stats()
+    second = _gantry(prefect_env, "release", str(spec))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.strip().splitlines()[-1] == str(record_path)
+    again = json.loads(record_path.read_text())
+    assert again["stages"]["weights"]["cached"] and again["stages"]["build"]["cached"]
+    assert (
+        again["stages"]["build"]["result"]["digest"]
+        == record["stages"]["build"]["result"]["digest"]
+    )
+    assert gantry_env.hub_stats()["requests"]["download"] == 0  # type: ignore[index]
+    history = list((record_path.parent / "history").glob(f"{record['release_id']}.*.json"))
+    assert history  # the first run's record was kept, not overwritten
+
+
+def test_invalid_spec_exits_2_naming_the_field(prefect_env: dict[str, str], tmp_path: Path) -> None:
+    spec = _spec_file(tmp_path, colour="blue")
+    done = _gantry(prefect_env, "release", str(spec))
+    assert done.returncode == 2
+    assert "colour" in done.stderr and "unknown field" in done.stderr
+
+
+def test_failed_stage_exits_1_with_record(
+    prefect_env: dict[str, str], gantry_env: GantryEnv, tmp_path: Path
+) -> None:
+    spec = _spec_file(tmp_path, source={"repo_id": gantry_env.repo_id, "revision": "no-such-tag"})
+    done = _gantry(prefect_env, "release", str(spec))
+    assert done.returncode == 1
+    record = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+    weights = record["stages"]["weights"]
+    assert weights["status"] == "failed"
+    assert weights["error"]["type"] == "RevisionNotFoundError" and not weights["error"]["transient"]
+    assert record["stages"]["build"]["status"] == "skipped"
+    assert "Retrying" not in done.stderr  # a permanent error is not retried
+
+
+def test_missing_docker_engine_is_a_clear_error(
+    prefect_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**prefect_env, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    done = _gantry(env, "release", str(_spec_file(tmp_path)))
+    assert done.returncode == 1
+    assert "cannot reach the Docker engine" in done.stderr and "DOCKER_HOST" in done.stderr
+    assert Path(done.stdout.strip().splitlines()[-1]).is_file()
+
+
+def test_env_status_json(prefect_env: dict[str, str], gantry_env: GantryEnv) -> None:
+    done = _gantry(prefect_env, "env", "status", "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["state_dir"] == str(gantry_env.state_dir)
+    assert status["registry"] == gantry_env.registry
+    assert status["prefect_api_url"].startswith("http://127.0.0.1:")
+    assert status["mlflow_tracking_uri"].startswith("sqlite:///")
+    assert status["services"]["registry"]["healthy"] and status["services"]["hub"]["healthy"]
+    assert status["docker"]["reachable"]
+
+
+def test_help_lists_commands() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gantry.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    for cmd in ("release", "env", "spec-schema"):
+        assert cmd in done.stdout
+
+
+def test_gated_repo_token_from_prefect_secret(
+    prefect_env: dict[str, str], gantry_env: GantryEnv, tmp_path: Path
+) -> None:
+    from gantry.localhub.demo import DEMO_TOKEN, GATED_REPO_ID
+
+    make_secret = (
+        "from prefect.blocks.system import Secret; "
+        f"Secret(value={DEMO_TOKEN!r}).save('hub-token', overwrite=True)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", make_secret],
+        env={**os.environ, **prefect_env},
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    spec = _spec_file(
+        tmp_path,
+        source={
+            "repo_id": GATED_REPO_ID,
+            "revision": "main",
+            "token_env": "GANTRY_TEST_UNSET_TOKEN",
+            "token_secret": "hub-token",
+        },
+    )
+    done = _gantry(prefect_env, "release", str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record_text = Path(done.stdout.strip().splitlines()[-1]).read_text()
+    assert json.loads(record_text)["stages"]["weights"]["status"] == "succeeded"
+    assert DEMO_TOKEN not in record_text and DEMO_TOKEN not in done.stderr
+
+    # Without any token the gated repository is refused with the fix spelled out.
+    no_token = _spec_file(
+        tmp_path,
+        source={
+            "repo_id": GATED_REPO_ID,
+            "revision": "main",
+            "token_env": "GANTRY_TEST_UNSET_TOKEN",
+        },
+    )
+    refused = _gantry(prefect_env, "release", str(no_token))
+    assert refused.returncode == 1
+    assert "gated" in refused.stderr and "GANTRY_TEST_UNSET_TOKEN" in refused.stderr
