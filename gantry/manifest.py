@@ -44,11 +44,23 @@ class WeightsManifest(BaseModel):
     commit: str
     files: tuple[ManifestEntry, ...]
     digest: str = Field(description="manifest_digest(files), stored for readers without code.")
+    gated: bool = Field(
+        default=False,
+        description="The hub gates these files: using the cached copy still needs a token.",
+    )
 
     @classmethod
-    def build(cls, repo_id: str, commit: str, files: Iterable[ManifestEntry]) -> WeightsManifest:
+    def build(
+        cls, repo_id: str, commit: str, files: Iterable[ManifestEntry], *, gated: bool = False
+    ) -> WeightsManifest:
         ordered = tuple(sorted(files, key=lambda e: e.path))
-        return cls(repo_id=repo_id, commit=commit, files=ordered, digest=manifest_digest(ordered))
+        return cls(
+            repo_id=repo_id,
+            commit=commit,
+            files=ordered,
+            digest=manifest_digest(ordered),
+            gated=gated,
+        )
 
     @property
     def total_bytes(self) -> int:

@@ -24,7 +24,13 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from gantry.adapters.hub import HubClient, HubFile, RepoSnapshot, check_relative_path
+from gantry.adapters.hub import (
+    HubClient,
+    HubFile,
+    RepoSnapshot,
+    check_relative_path,
+    gated_without_token,
+)
 from gantry.errors import ChecksumMismatchError, ConfigError, DiskFullError, HubError
 from gantry.manifest import ManifestEntry, WeightsManifest, git_blob_oid, hash_many, sha256_file
 from gantry.results import WeightsResult
@@ -218,6 +224,8 @@ def fetch_weights(
     if _COMMIT.match(source.revision):
         snap_dir = store.snapshot_dir(source.repo_id, source.revision, source.allow_patterns)
         if (m := _load_manifest(store.manifest_path(snap_dir))) and snap_dir.is_dir():
+            if m.gated and not token:
+                raise gated_without_token(source.repo_id, endpoint, source.token_env)
             log.info(
                 "weights %s@%s cached; verifying %d files",
                 source.repo_id,
@@ -251,6 +259,10 @@ def fetch_weights(
         len(snap.files),
         sum(f.size for f in snap.files) / 2**20,
     )
+    # Like the Hub, gated repositories list their files to anyone but serve them only with
+    # a token: a copy cached by someone who had one is not served to someone who has none.
+    if snap.gated and not token:
+        raise gated_without_token(source.repo_id, endpoint, source.token_env)
     snap_dir = store.snapshot_dir(source.repo_id, snap.commit, source.allow_patterns)
     manifest_path = store.manifest_path(snap_dir)
 
@@ -333,7 +345,7 @@ def _build_snapshot(
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(blob, target)
             entries.append(ManifestEntry(path=f.path, size=blob.stat().st_size, sha256=blob.name))
-        manifest = WeightsManifest.build(snap.repo_id, snap.commit, entries)
+        manifest = WeightsManifest.build(snap.repo_id, snap.commit, entries, gated=snap.gated)
 
         # Publish: the tree first, the manifest last. Only a snapshot with a manifest counts.
         snap_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,8 @@ class RepoSnapshot(BaseModel):
     commit: str
     endpoint: str
     files: tuple[HubFile, ...]
+    #: Whether the hub gates the files of this repository behind an access grant.
+    gated: bool = False
 
 
 def check_relative_path(name: str) -> None:
@@ -118,6 +120,15 @@ class _LogProgress(hf_tqdm):
                 100 * self._done / total,
             )
         return super().update(n)  # type: ignore[no-any-return]
+
+
+def gated_without_token(repo_id: str, endpoint: str, token_env: str) -> GatedRepoError:
+    """The error for a gated repository used without a token, cached files or not."""
+    return GatedRepoError(
+        f"{repo_id} is a gated repository and no token was given",
+        fix=f"request access at {endpoint}/{repo_id}, then export {token_env}=<a token with "
+        "read access> (or set source.token_env / source.token_secret)",
+    )
 
 
 def _map_error(
@@ -235,7 +246,12 @@ class HubClient:
             for s in sorted(chosen, key=lambda s: s.rfilename)
         )
         return RepoSnapshot(
-            repo_id=repo_id, revision=revision, commit=info.sha, endpoint=self.endpoint, files=files
+            repo_id=repo_id,
+            revision=revision,
+            commit=info.sha,
+            endpoint=self.endpoint,
+            files=files,
+            gated=bool(info.gated),
         )
 
     def download(

@@ -195,3 +195,15 @@ def test_allow_patterns_select_files(gantry_env: GantryEnv, tmp_path: Path) -> N
         ).files
     }
     assert names and all(n.endswith(".json") for n in names)
+
+
+def test_cached_gated_weights_still_need_a_token(gantry_env: GantryEnv, tmp_path: Path) -> None:
+    store = WeightStore(tmp_path / "w")
+    ok = fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID), store, token=DEMO_TOKEN)
+    with pytest.raises(GatedRepoError, match="no token"):
+        fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID), store)
+    with pytest.raises(GatedRepoError, match="no token"):  # the no-request fast path too
+        fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID, revision=ok.commit), store)
+    assert fetch_weights(
+        _source(gantry_env, repo_id=GATED_REPO_ID, revision=ok.commit), store, token=DEMO_TOKEN
+    ).cached
