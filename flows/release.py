@@ -10,6 +10,8 @@ from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec
 from tasks._retry import with_retries
 from tasks.build import build_task
+from tasks.scan import scan_task
+from tasks.sign import sign_task
 from tasks.weights import weights_task
 
 
@@ -20,7 +22,7 @@ from tasks.weights import weights_task
     log_prints=False,
 )
 def release(spec: ReleaseSpec) -> ReleaseRecord:
-    """Release one model: weights → build (more stages land here as they are built).
+    """Release one model: weights → build → scan → sign (more stages land as they are built).
 
     Each stage is retried only on transient errors, with the spec's backoff; each skips its
     work when its content-addressed result already exists.
@@ -32,5 +34,7 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
         "weights",
         lambda: with_retries(weights_task, policy)(spec.source, str(settings.weights_dir)),
     )
-    rec.run_stage("build", lambda: with_retries(build_task, policy)(spec, weights))
+    build = rec.run_stage("build", lambda: with_retries(build_task, policy)(spec, weights))
+    scan = rec.run_stage("scan", lambda: with_retries(scan_task, policy)(spec, build))
+    rec.run_stage("sign", lambda: with_retries(sign_task, policy)(spec, build, scan, weights))
     return rec.succeed()

@@ -1,6 +1,8 @@
 """The `gantry` command line.
 
     gantry release SPEC.yaml     run a release; the last line printed is the record's path
+    gantry verify RECORD         re-verify the image and weights signatures of a release
+    gantry keys generate         create signing key pairs
     gantry env up|down|status    the embedded services (registry, hub, Prefect server)
     gantry spec-schema           the JSON schema of a release spec
 
@@ -222,6 +224,42 @@ def _ensure_images(client: object, settings: Settings) -> None:
         ensure_base_image(ref, docker_client=client, work_dir=settings.base_images_dir, log=log)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gantry.verify import verify_release
+
+    path = Path(args.record)
+    if not path.is_file():
+        print(f"gantry: no release record at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    verified = verify_release(path)
+    print(
+        f"image    {verified.image}: signature verifies ({verified.image_signer}, "
+        f"{verified.image_public_key})"
+    )
+    print(
+        f"weights  {verified.weights_path}: {verified.weights_files} files match manifest "
+        f"sha256:{verified.manifest_digest} and signature {verified.weights_signature}"
+    )
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from gantry.adapters.model_signing import generate_weights_key
+    from gantry.keyring import keys_dir
+    from gantry.signing.image import generate_keypair
+
+    dest = Path(args.dir) if args.dir else keys_dir(get_settings())
+    pw = os.environ.get(args.password_env, "")
+    if not pw:
+        log.warning("$%s is unset: the private keys are NOT password-protected", args.password_env)
+    dest.mkdir(parents=True, exist_ok=True)
+    image_key, image_pub = generate_keypair(dest, pw)
+    weights_key, weights_pub = generate_weights_key(dest, pw or None)
+    for p in (image_key, image_pub, weights_key, weights_pub):
+        print(p)
+    return EXIT_OK
+
+
 def cmd_spec_schema(args: argparse.Namespace) -> int:
     from gantry.spec import ReleaseSpec
 
@@ -256,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     url = esub.add_parser("url", help="print one service's address")
     url.add_argument("name", choices=["hub", "registry", "prefect", "state"])
     e.set_defaults(func=cmd_env)
+
+    v = sub.add_parser("verify", help="re-verify a release's image and weights signatures")
+    v.add_argument("record", help="path of the release record (JSON)")
+    v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("keys", help="signing keys")
+    ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gen = ksub.add_parser("generate", help="create image (cosign) and weights key pairs")
+    gen.add_argument("--dir", help="where to write them (default: <state dir>/keys)")
+    gen.add_argument(
+        "--password-env",
+        default="COSIGN_PASSWORD",
+        help="variable holding the password for the private keys",
+    )
+    k.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("spec-schema", help="print the JSON schema of a release spec")
     s.set_defaults(func=cmd_spec_schema)

@@ -181,3 +181,139 @@ class RegistryError(PermanentError):
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is worth retrying. Used as the tasks' retry condition."""
     return isinstance(exc, TransientError)
+
+
+# --- weights signing (OpenSSF model-signing) -----------------------------------------------
+
+
+class WeightsKeyError(PermanentError):
+    """A weights signing key or identity is missing, unreadable, or locked by a password."""
+
+
+class WeightsSignatureError(PermanentError):
+    """The weights do not match their signature, or the signature cannot be checked.
+
+    ``reason`` says which: ``missing`` (no signature file), ``wrong_key`` (signed by
+    another key), ``invalid`` (the signature does not verify: edited, or another key),
+    ``content`` (files changed, added or removed; listed in ``changed``/``added``/
+    ``removed``), ``malformed`` (not a signature this verifier reads), ``unsupported``
+    (the snapshot holds something that cannot be signed, e.g. a symlink).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        fix: str,
+        changed: Sequence[str] = (),
+        added: Sequence[str] = (),
+        removed: Sequence[str] = (),
+    ) -> None:
+        self.reason = reason
+        self.changed = tuple(changed)
+        self.added = tuple(added)
+        self.removed = tuple(removed)
+        super().__init__(message, fix=fix)
+
+
+class SigstoreUnavailableError(TransientError):
+    """Keyless signing could not reach Sigstore (TUF, OIDC issuer, Fulcio, Rekor) in time."""
+
+
+# --- scan (trivy) and the vulnerability gate -------------------------------------------------
+
+
+class ScannerError(PermanentError):
+    """trivy failed (crashed, refused its arguments) or wrote output Gantry cannot read."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: Sequence[str] = (),
+        returncode: int | None = None,
+        stderr_tail: str = "",
+        fix: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        super().__init__(message, fix=fix)
+
+
+class VulnDBUnavailableError(PermanentError):
+    """The vulnerability DB cannot be obtained, so the scan fails closed."""
+
+    fix = (
+        "set scan.db_repository to a reachable mirror of the trivy DB, pre-seed the cache dir "
+        "with `trivy image --download-db-only --cache-dir <dir>` where network access exists, "
+        "or set scan.allow_offline: true to proceed without vulnerability checks"
+    )
+
+
+class ScanPolicyError(PermanentError):
+    """Findings at or above scan.severity that no current allowlist entry suppresses.
+
+    ``blocking`` holds them (``gantry.scan_policy.Finding``), worst first.
+    """
+
+    fix = (
+        "upgrade the affected package or the base image and rebuild, or add an allowlist "
+        "entry (id, package, reason, expires) under scan.allowlist, or raise scan.severity"
+    )
+
+    def __init__(self, message: str, *, blocking: Sequence[object], fix: str | None = None) -> None:
+        self.blocking = tuple(blocking)
+        super().__init__(message, fix=fix)
+
+
+# --- signing (image signatures and attestations) -----------------------------------------
+# Raised by gantry.signing and gantry.adapters.cosign.
+
+
+class SigningKeyError(PermanentError):
+    """A signing key is missing, locked by another password, corrupt or of an unsupported kind."""
+
+
+class SignatureVerificationError(PermanentError):
+    """No signature (or attestation) on the image verifies: the message says which check failed."""
+
+    def __init__(self, image: str, reason: str | None = None, *, fix: str | None = None) -> None:
+        """``(image, reason)`` reads "verification of IMAGE failed: REASON"; a lone first
+        argument is the whole message."""
+        self.image = image if reason is not None else None
+        self.reason = reason if reason is not None else image
+        message = f"verification of {image} failed: {reason}" if reason is not None else image
+        super().__init__(message, fix=fix)
+
+
+class SigningConfigError(PermanentError):
+    """The sign options ask for something the chosen signer cannot do."""
+
+
+class ImageReferenceError(PermanentError):
+    """A string is not an image reference (`registry/repo:tag` or `registry/repo@sha256:…`)."""
+
+
+class CosignError(GantryError):
+    """`cosign` exited non-zero; see :class:`CosignFailedError` and :class:`CosignNetworkError`."""
+
+    def __init__(
+        self, argv: Sequence[str], returncode: int, stderr_tail: str, *, fix: str | None = None
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        super().__init__(
+            f"`{' '.join(self.argv)}` exited with {returncode}: {stderr_tail.strip()[-800:]}",
+            fix=fix,
+        )
+
+
+class CosignFailedError(CosignError, PermanentError):
+    """`cosign` refused the request for a reason retrying cannot fix."""
+
+
+class CosignNetworkError(CosignError, TransientError):
+    """`cosign` could not reach a registry (or Rekor/Fulcio), or it answered 5xx."""

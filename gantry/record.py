@@ -26,7 +26,7 @@ from gantry.spec import ReleaseSpec
 log = logging.getLogger("gantry.record")
 
 #: The pipeline's stages, in order. A stage not yet run in a record is ``pending``.
-STAGES = ("weights", "build")
+STAGES = ("weights", "build", "scan", "sign")
 
 T = TypeVar("T", bound=BaseModel)
 

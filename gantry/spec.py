@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import re
+from datetime import date
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -156,6 +157,117 @@ class BuildOptions(_Frozen):
     )
 
 
+class Severity(StrEnum):
+    """Trivy's severities, lowest first."""
+
+    UNKNOWN = "UNKNOWN"
+    LOW = "LOW"
+    MEDIUM = "MEDIUM"
+    HIGH = "HIGH"
+    CRITICAL = "CRITICAL"
+
+    @property
+    def rank(self) -> int:
+        return list(Severity).index(self)
+
+
+class AllowlistEntry(_Frozen):
+    """A finding accepted on purpose, for a reason, until a date."""
+
+    id: str = Field(
+        title="Finding id",
+        description="Vulnerability or misconfiguration id (CVE-…, GHSA-…, AVD-…/DS…).",
+        pattern=r"^[A-Za-z][A-Za-z0-9]*-[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        max_length=100,
+    )
+    reason: str = Field(
+        title="Reason", description="Why it is acceptable (who decided, and why).", min_length=3
+    )
+    expires: date = Field(
+        title="Expires",
+        description="Last day the entry suppresses the finding; after it the finding counts again.",
+    )
+    package: str | None = Field(
+        default=None,
+        title="Package",
+        description="Only suppress the finding in this package (empty: in any package).",
+    )
+
+
+class ScanOptions(_Frozen):
+    """The vulnerability and misconfiguration gate."""
+
+    severity: Severity = Field(
+        default=Severity.CRITICAL,
+        title="Fail at severity",
+        description="Fail on findings at or above this severity (CRITICAL, or HIGH to be "
+        "stricter).",
+    )
+    ignore_unfixed: bool = Field(
+        default=False,
+        title="Ignore unfixed",
+        description="Do not count vulnerabilities that have no fixed version yet.",
+    )
+    allowlist: tuple[AllowlistEntry, ...] = Field(
+        default=(),
+        title="Allowlist",
+        description="Accepted findings, each with a reason and an expiry date.",
+    )
+    allow_offline: bool = Field(
+        default=False,
+        title="Allow scanning without a vulnerability DB",
+        description="When the vulnerability DB cannot be obtained, go on without checking "
+        "vulnerabilities (the record and the run say so prominently) instead of failing.",
+    )
+    db_repository: str | None = Field(
+        default=None,
+        title="Vulnerability DB repository",
+        description="OCI repository of the trivy DB (a mirror); empty: trivy's default.",
+    )
+    timeout_s: float = Field(
+        default=900, gt=0, le=7200, title="Scan timeout (s)", description="Per trivy call."
+    )
+
+
+class SignOptions(_Frozen):
+    """How the image and the weights are signed and verified."""
+
+    method: Literal["key", "kms", "keyless"] = Field(
+        default="key",
+        title="Signing method",
+        description="`key`: a cosign key pair on disk; `kms`: a KMS key URI; `keyless`: a "
+        "Sigstore OIDC identity (needs network access to Fulcio/Rekor).",
+    )
+    key: str | None = Field(
+        default=None,
+        title="Private key",
+        description="Path of the cosign private key (method `key`). Empty: "
+        "<state dir>/keys/cosign.key, created by `gantry keys generate`.",
+    )
+    kms_uri: str | None = Field(
+        default=None,
+        title="KMS key URI",
+        description="e.g. awskms:///alias/gantry, gcpkms://…, hashivault://… (method `kms`).",
+    )
+    password_env: str = Field(
+        default="COSIGN_PASSWORD",
+        title="Key password variable",
+        description="Environment variable holding the private key's password.",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+    )
+    tlog_upload: bool = Field(
+        default=False,
+        title="Upload to the transparency log",
+        description="Record signatures in Rekor (needs network access to it).",
+    )
+    signer: Literal["auto", "cosign", "builtin"] = Field(
+        default="auto",
+        title="Signer",
+        description="`cosign` binary, Gantry's `builtin` cosign-compatible signer, or `auto` "
+        "(cosign when installed, else built-in).",
+    )
+
+
 class RetryPolicy(_Frozen):
     """Retries for transient failures only; policy failures never retry."""
 
@@ -201,6 +313,12 @@ class ReleaseSpec(_Frozen):
     )
     build: BuildOptions = Field(
         default_factory=BuildOptions, title="Build", description="Image build options."
+    )
+    scan: ScanOptions = Field(
+        default_factory=ScanOptions, title="Scan", description="Vulnerability gate."
+    )
+    sign: SignOptions = Field(
+        default_factory=SignOptions, title="Sign", description="Signing of image and weights."
     )
     retries: RetryPolicy = Field(
         default_factory=RetryPolicy, title="Retries", description="Retry policy."

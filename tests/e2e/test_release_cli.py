@@ -66,19 +66,32 @@ def test_release_then_cached_rerun(
     assert record_path.is_file() and record_path.parent == gantry_env.state_dir / "releases"
     record = json.loads(record_path.read_text())
     assert record["status"] == "succeeded" and record["model"] == "minilm"
-    assert set(record["stages"]) >= {"weights", "build"}
-    for name in ("weights", "build"):
+    assert set(record["stages"]) >= {"weights", "build", "scan", "sign"}
+    for name in ("weights", "build", "scan", "sign"):
         st = record["stages"][name]
         assert st["status"] == "succeeded" and isinstance(st["duration_s"], float)
     assert record["stages"]["build"]["result"]["image"].split("@")[1].startswith("sha256:")
     assert record["flow_run_id"]
+    scan = record["stages"]["scan"]["result"]
+    assert Path(scan["sbom_path"]).is_file() and "counts" in scan and "db_status" in scan
+    if not scan["vulnerabilities_checked"]:  # the demo's explicit offline allowance
+        assert any("NOT CHECKED" in w.upper() for w in scan["warnings"])
+    sign = record["stages"]["sign"]["result"]
+    assert sign["signature_ref"] and Path(sign["weights_signature"]).is_file()
+    assert set(sign["attestations"]) == {
+        "https://cyclonedx.org/bom",
+        "https://gantry.dev/attestations/scan-result/v1",
+    }
+    verified = _gantry(prefect_env, "verify", str(record_path), timeout=300)
+    assert verified.returncode == 0, verified.stderr[-2000:]
 
     gantry_env.reset_hub_stats()
     second = _gantry(prefect_env, "release", str(spec))
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.strip().splitlines()[-1] == str(record_path)
     again = json.loads(record_path.read_text())
-    assert again["stages"]["weights"]["cached"] and again["stages"]["build"]["cached"]
+    for name in ("weights", "build", "sign"):
+        assert again["stages"][name]["cached"], name
     assert (
         again["stages"]["build"]["result"]["digest"]
         == record["stages"]["build"]["result"]["digest"]
@@ -187,3 +200,24 @@ def test_gated_repo_token_from_prefect_secret(
     refused = _gantry(prefect_env, "release", str(no_token))
     assert refused.returncode == 1
     assert "gated" in refused.stderr and "GANTRY_TEST_UNSET_TOKEN" in refused.stderr
+
+
+def test_verify_refuses_a_changed_weights_file(prefect_env: dict[str, str], tmp_path: Path) -> None:
+    spec = _spec_file(tmp_path, name="verifyme")
+    done = _gantry(prefect_env, "release", str(spec))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record_path = Path(done.stdout.strip().splitlines()[-1])
+    record = json.loads(record_path.read_text())
+    assert _gantry(prefect_env, "verify", str(record_path), timeout=300).returncode == 0
+
+    model = Path(record["stages"]["weights"]["result"]["path"]) / "onnx" / "model.onnx"
+    original = model.read_bytes()
+    os.chmod(model, 0o644)
+    try:
+        model.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+        refused = _gantry(prefect_env, "verify", str(record_path), timeout=300)
+        assert refused.returncode == 1
+        assert "onnx/model.onnx" in refused.stderr
+    finally:
+        model.write_bytes(original)
+        os.chmod(model, 0o444)

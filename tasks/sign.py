@@ -1,0 +1,160 @@
+"""Stage `sign`: the image by digest (cosign or the built-in cosign-compatible signer),
+attestations of its SBOM and scan result, and the weights with OpenSSF model-signing.
+
+The image signature covers the image only; the weights are mounted, not baked in, so
+they get a signature of their own, stored beside their manifest. Re-running a release
+re-uses signatures that already verify with the same keys instead of piling up new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from gantry.adapters.model_signing import WeightsSignature, sign_weights
+from gantry.errors import SignatureVerificationError
+from gantry.keyring import KeyPaths, password, resolve_keys
+from gantry.manifest import WeightsManifest
+from gantry.results import BuildResult, WeightsResult
+from gantry.settings import Settings
+from gantry.signing import image as image_signing
+from gantry.spec import ReleaseSpec
+from tasks._retry import retry_transient
+from tasks.scan import ScanResult
+
+log = logging.getLogger("gantry.sign")
+
+SBOM_PREDICATE = "https://cyclonedx.org/bom"
+SCAN_PREDICATE = "https://gantry.dev/attestations/scan-result/v1"
+
+
+class SignResult(BaseModel):
+    """Where the signatures are and which keys verify them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str
+    signer: str = Field(description="cosign or builtin")
+    signature_ref: str = Field(description="Where the image signature is stored.")
+    public_key: str = Field(description="Public key that verifies the image signature.")
+    attestations: dict[str, str] = Field(description="predicate type -> where it is stored")
+    weights_signature: str = Field(description="Path of the weights' Sigstore bundle.")
+    weights_public_key: str
+    weights_key_fingerprint: str
+    keys_generated: bool = Field(description="The embedded default keys were made by this run.")
+    cached: bool = Field(description="Every signature already existed and verified.")
+    sign_seconds: float
+
+
+def weights_signature_path(weights: WeightsResult) -> Path:
+    """`<snapshot>.sig.json`, beside `<snapshot>.manifest.json` (never inside the tree)."""
+    snap = Path(weights.path)
+    return snap.with_name(snap.name + ".sig.json")
+
+
+def _already_signed(image: str, keys: KeyPaths) -> bool:
+    try:
+        image_signing.verify_image(image, Path(keys.image_pub))
+    except SignatureVerificationError:
+        return False
+    return True
+
+
+def _already_attested(image: str, keys: KeyPaths, predicate: str) -> bool:
+    try:
+        image_signing.verify_attestation(image, Path(keys.image_pub), predicate)
+    except SignatureVerificationError:
+        return False
+    return True
+
+
+def sign_release(
+    spec: ReleaseSpec,
+    build: BuildResult,
+    scan: ScanResult,
+    weights: WeightsResult,
+    settings: Settings,
+) -> SignResult:
+    """Sign image and weights; attest SBOM and scan result. Idempotent."""
+    t0 = time.monotonic()
+    keys = resolve_keys(spec.sign, settings)
+    opts = spec.sign
+    reused = True
+
+    if _already_signed(build.image, keys):
+        log.info("image %s is already signed with %s", build.image, keys.image_pub)
+        sig = None
+    else:
+        reused = False
+        sig = image_signing.sign_image(build.image, opts, Path(keys.image_key))
+        log.info("signed %s (%s signer)", build.image, sig.signer)
+
+    attestations: dict[str, str] = {}
+    for predicate, body in (
+        (SBOM_PREDICATE, Path(scan.sbom_path).read_bytes()),
+        (SCAN_PREDICATE, scan.model_dump_json().encode()),
+    ):
+        if _already_attested(build.image, keys, predicate):
+            attestations[predicate] = "existing"
+            continue
+        reused = False
+        ref = image_signing.attest(build.image, predicate, body, opts, Path(keys.image_key))
+        attestations[predicate] = ref.reference
+    verified = image_signing.verify_image(build.image, Path(keys.image_pub))
+
+    manifest = WeightsManifest.model_validate_json(Path(weights.manifest_path).read_bytes())
+    wsig: WeightsSignature = sign_weights(
+        Path(weights.path),
+        private_key=Path(keys.weights_key),
+        password=password(opts) or None,
+        signature_path=weights_signature_path(weights),
+        manifest=manifest,
+        password_env=opts.password_env,
+    )
+    reused = reused and wsig.reused
+    return SignResult(
+        image=build.image,
+        signer=sig.signer if sig else verified.signer,
+        signature_ref=sig.signature_ref if sig else verified.signature_ref,
+        public_key=keys.image_pub,
+        attestations=attestations,
+        weights_signature=str(wsig.path),
+        weights_public_key=keys.weights_pub,
+        weights_key_fingerprint=wsig.public_key_fingerprint,
+        keys_generated=keys.generated,
+        cached=reused,
+        sign_seconds=round(time.monotonic() - t0, 3),
+    )
+
+
+@task(name="sign", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_transient)
+def sign_task(
+    spec: ReleaseSpec, build: BuildResult, scan: ScanResult, weights: WeightsResult
+) -> SignResult:
+    """Prefect task for stage `sign`; leaves a summary artifact of what signs what."""
+    from gantry.settings import get_settings
+
+    result = sign_release(spec, build, scan, weights, get_settings())
+    create_markdown_artifact(
+        key=f"{spec.name}-signatures",
+        markdown="\n".join(
+            [
+                f"**Image** `{result.image}` signed by `{result.signer}` "
+                f"(verify with `{result.public_key}`), stored at `{result.signature_ref}`",
+                "",
+                *[f"- attestation `{k}`: `{v}`" for k, v in result.attestations.items()],
+                "",
+                f"**Weights** signed with key `{result.weights_key_fingerprint}`: "
+                f"`{result.weights_signature}`",
+            ]
+        ),
+        description=json.dumps({"cached": result.cached}),
+    )
+    return result
