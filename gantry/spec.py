@@ -120,8 +120,16 @@ class HubSource(_Frozen):
         return (self.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_ENDPOINT).rstrip("/")
 
 
+class Accelerator(StrEnum):
+    """Where the model runs in smoke, evaluation and canary containers."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+    AUTO = "auto"
+
+
 class RuntimeOptions(_Frozen):
-    """The serving runtime the image is built from."""
+    """The serving runtime the image is built from, and how it is run."""
 
     protocol: Protocol = Field(
         default=Protocol.OPENAI_EMBEDDINGS,
@@ -133,6 +141,37 @@ class RuntimeOptions(_Frozen):
         title="Runtime directory",
         description="Directory (relative to the project root, or absolute) with the runtime's "
         "Dockerfile, requirements.txt (hash-locked) and server/ code.",
+    )
+    port: int = Field(
+        default=8080, ge=1, le=65535, title="Container port", description="Port it serves on."
+    )
+    health_path: str = Field(
+        default="/health",
+        title="Health path",
+        description="200 only once the model is loaded.",
+        pattern=r"^/",
+    )
+    model_mount: str = Field(
+        default="/models",
+        title="Weights mount point",
+        description="Where the weights are mounted read-only in the container.",
+        pattern=r"^/",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        title="Served model name",
+        description="The `model` value clients send. Empty: the spec's name.",
+    )
+    args: tuple[str, ...] = Field(
+        default=(),
+        title="Runtime arguments",
+        description="Extra command-line arguments for the runtime (e.g. vLLM's "
+        "`--gpu-memory-utilization 0.90`: a CLI argument, not an env var).",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        title="Runtime environment",
+        description="Non-secret environment variables for the runtime container.",
     )
 
 
@@ -268,6 +307,95 @@ class SignOptions(_Frozen):
     )
 
 
+class SmokeOptions(_Frozen):
+    """The first real run of the signed image: hardened, health-checked, probed."""
+
+    accelerator: Accelerator = Field(
+        default=Accelerator.AUTO,
+        title="Accelerator",
+        description="`cpu`, `gpu` (fails at once if the engine has no GPU runtime), or `auto` "
+        "(GPU when the engine offers one).",
+    )
+    gpus: int = Field(default=1, ge=1, le=16, title="GPUs", description="GPUs to reserve.")
+    cpus: float = Field(default=2.0, gt=0, le=256, title="CPU limit", description="CPUs.")
+    memory_mb: int = Field(
+        default=2048, ge=128, le=1_048_576, title="Memory limit (MiB)", description="Memory."
+    )
+    deadline_s: float = Field(
+        default=180,
+        gt=0,
+        le=3600,
+        title="Health deadline (s)",
+        description="Fail if the container is not healthy this long after it starts.",
+    )
+    chat_prompt: str = Field(
+        default="What is 2 + 2? Answer with the number only.",
+        title="Chat probe prompt",
+        description="For `openai-chat`: a prompt whose answer is known.",
+    )
+    chat_expect: str = Field(
+        default="4",
+        title="Chat probe answer",
+        description="For `openai-chat`: a fragment the answer must contain.",
+    )
+
+
+class EvalOptions(_Frozen):
+    """The quality and latency gate."""
+
+    dataset: str | None = Field(
+        default=None,
+        title="Eval set",
+        description="JSONL eval set (relative to the project root, or absolute). Empty: no "
+        "evaluation gate (the stage is skipped with a warning).",
+    )
+    metric: Literal["top1", "mrr", "exact", "contains", "regex"] = Field(
+        default="top1",
+        title="Gate metric",
+        description="Embeddings: `top1` (retrieval accuracy) or `mrr`; chat: `exact`, "
+        "`contains` or `regex`.",
+    )
+    threshold: float = Field(
+        default=0.8, ge=0, le=1, title="Minimum score", description="Absolute threshold."
+    )
+    tolerance: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        title="Allowed regression",
+        description="How far below the current champion's score a candidate may be.",
+    )
+    concurrency: int = Field(
+        default=4, ge=1, le=256, title="Concurrency", description="Requests in flight."
+    )
+    timeout_s: float = Field(
+        default=30, gt=0, le=600, title="Request timeout (s)", description="Per request."
+    )
+
+
+class RegisterOptions(_Frozen):
+    """Where the candidate is recorded."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        title="MLflow tracking URI",
+        description="Empty: $MLFLOW_TRACKING_URI, else SQLite under the state dir.",
+    )
+    model_name: str | None = Field(
+        default=None,
+        title="Registered model",
+        description="MLflow registered model name. Empty: the spec's name.",
+    )
+    experiment: str = Field(
+        default="gantry-releases",
+        title="Experiment",
+        description="MLflow experiment for release runs.",
+    )
+    timeout_s: float = Field(
+        default=60, gt=0, le=600, title="Timeout (s)", description="Per MLflow call."
+    )
+
+
 class RetryPolicy(_Frozen):
     """Retries for transient failures only; policy failures never retry."""
 
@@ -319,6 +447,15 @@ class ReleaseSpec(_Frozen):
     )
     sign: SignOptions = Field(
         default_factory=SignOptions, title="Sign", description="Signing of image and weights."
+    )
+    smoke: SmokeOptions = Field(
+        default_factory=SmokeOptions, title="Smoke", description="Smoke run of the image."
+    )
+    evaluate: EvalOptions = Field(
+        default_factory=EvalOptions, title="Evaluate", description="Quality gate."
+    )
+    register: RegisterOptions = Field(
+        default_factory=RegisterOptions, title="Register", description="MLflow registration."
     )
     retries: RetryPolicy = Field(
         default_factory=RetryPolicy, title="Retries", description="Retry policy."
