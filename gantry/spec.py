@@ -454,8 +454,10 @@ class ReleaseSpec(_Frozen):
     evaluate: EvalOptions = Field(
         default_factory=EvalOptions, title="Evaluate", description="Quality gate."
     )
-    register: RegisterOptions = Field(
-        default_factory=RegisterOptions, title="Register", description="MLflow registration."
+    mlflow: RegisterOptions = Field(
+        default_factory=RegisterOptions,
+        title="MLflow",
+        description="Where stage `register` records the candidate.",
     )
     retries: RetryPolicy = Field(
         default_factory=RetryPolicy, title="Retries", description="Retry policy."
