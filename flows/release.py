@@ -10,8 +10,11 @@ from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec
 from tasks._retry import with_retries
 from tasks.build import build_task
+from tasks.evaluate import evaluate_release_task
+from tasks.register import register_task
 from tasks.scan import scan_task
 from tasks.sign import sign_task
+from tasks.smoke import smoke_task
 from tasks.weights import weights_task
 
 
@@ -22,7 +25,7 @@ from tasks.weights import weights_task
     log_prints=False,
 )
 def release(spec: ReleaseSpec) -> ReleaseRecord:
-    """Release one model: weights → build → scan → sign (more stages land as they are built).
+    """Release one model: weights → build → scan → sign → smoke → evaluate → register.
 
     Each stage is retried only on transient errors, with the spec's backoff; each skips its
     work when its content-addressed result already exists.
@@ -36,5 +39,19 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
     )
     build = rec.run_stage("build", lambda: with_retries(build_task, policy)(spec, weights))
     scan = rec.run_stage("scan", lambda: with_retries(scan_task, policy)(spec, build))
-    rec.run_stage("sign", lambda: with_retries(sign_task, policy)(spec, build, scan, weights))
+    sign = rec.run_stage(
+        "sign", lambda: with_retries(sign_task, policy)(spec, build, scan, weights)
+    )
+    smoke = rec.run_stage(
+        "smoke", lambda: with_retries(smoke_task, policy)(spec, build, weights, sign)
+    )
+    evaluation = rec.run_stage(
+        "evaluate", lambda: with_retries(evaluate_release_task, policy)(spec, build, weights, sign)
+    )
+    rec.run_stage(
+        "register",
+        lambda: with_retries(register_task, policy)(
+            spec, weights, build, scan, sign, evaluation, smoke
+        ),
+    )
     return rec.succeed()

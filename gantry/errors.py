@@ -317,3 +317,108 @@ class CosignFailedError(CosignError, PermanentError):
 
 class CosignNetworkError(CosignError, TransientError):
     """`cosign` could not reach a registry (or Rekor/Fulcio), or it answered 5xx."""
+
+
+# --- smoke (the first hardened run of the signed image) ----------------------------------
+# Raised by gantry.adapters.containers and tasks.smoke. All permanent except where a retry
+# can plausibly help: the stage itself retries a container that exits on its first start
+# once (a start race), so a second early exit is a real crash and retrying cannot fix it.
+
+
+class ContainerStartError(PermanentError):
+    """The container exited (or could not be started) before it became healthy."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        logs_tail: str = "",
+        fix: str | None = None,
+    ) -> None:
+        self.exit_code = exit_code
+        self.logs_tail = logs_tail
+        shown = (
+            f"{message}\n--- last container log lines ---\n{logs_tail}" if logs_tail else message
+        )
+        super().__init__(shown, fix=fix)
+
+
+class ContainerEngineError(TransientError):
+    """The Docker engine failed a container call with a server error (5xx); retried."""
+
+
+class HealthTimeoutError(PermanentError):
+    """The container ran but its health endpoint did not answer 200 by the deadline."""
+
+    def __init__(self, message: str, *, logs_tail: str = "", fix: str | None = None) -> None:
+        self.logs_tail = logs_tail
+        shown = (
+            f"{message}\n--- last container log lines ---\n{logs_tail}" if logs_tail else message
+        )
+        super().__init__(shown, fix=fix)
+
+
+class ProbeError(PermanentError):
+    """The model answered, but wrongly (shape, values, similarity order, expected text)."""
+
+
+class AcceleratorError(PermanentError):
+    """A GPU was asked for but the engine has none, or the runtime silently runs on CPU."""
+
+
+class StartPeriodTooShortError(PermanentError):
+    """The image's HEALTHCHECK start period is shorter than the measured cold start."""
+
+
+# --- register (MLflow tracking and model registry) -----------------------------------------
+# Raised by gantry.adapters.mlflow_registry and tasks.register.
+
+
+class MLflowUnavailableError(TransientError):
+    """The MLflow tracking server did not answer in time, refused the connection, or 5xx."""
+
+    fix = (
+        "start the MLflow tracking server, or point MLFLOW_TRACKING_URI (or mlflow.tracking_uri "
+        "in the spec) at a reachable one; raise mlflow.timeout_s if it is merely slow"
+    )
+
+
+class RegistrationError(PermanentError):
+    """MLflow refused a tracking or registry request for a reason retrying cannot fix."""
+
+
+# --- evaluate (quality and latency gate) -------------------------------------------------
+# Raised by gantry.evaluation and tasks.evaluate.
+
+
+class EvalSetError(PermanentError):
+    """The eval set is missing, empty, or has a malformed line (named by its number)."""
+
+
+class QualityGateError(PermanentError):
+    """The candidate scored under the threshold, or regressed beyond tolerance from the
+    champion; the message gives both scores."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        score: float,
+        threshold: float,
+        champion_score: float | None,
+        fix: str | None = None,
+    ) -> None:
+        self.score = score
+        self.threshold = threshold
+        self.champion_score = champion_score
+        super().__init__(message, fix=fix)
+
+
+class EndpointUnavailableError(TransientError):
+    """The served endpoint did not answer (or answered 5xx/429) after retries; no quality
+    verdict was reached."""
+
+
+class EndpointResponseError(PermanentError):
+    """The served endpoint refused a request (4xx) or answered outside the protocol."""

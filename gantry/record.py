@@ -26,7 +26,7 @@ from gantry.spec import ReleaseSpec
 log = logging.getLogger("gantry.record")
 
 #: The pipeline's stages, in order. A stage not yet run in a record is ``pending``.
-STAGES = ("weights", "build", "scan", "sign")
+STAGES = ("weights", "build", "scan", "sign", "smoke", "evaluate", "register")
 
 T = TypeVar("T", bound=BaseModel)
 

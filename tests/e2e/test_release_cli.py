@@ -66,8 +66,9 @@ def test_release_then_cached_rerun(
     assert record_path.is_file() and record_path.parent == gantry_env.state_dir / "releases"
     record = json.loads(record_path.read_text())
     assert record["status"] == "succeeded" and record["model"] == "minilm"
-    assert set(record["stages"]) >= {"weights", "build", "scan", "sign"}
-    for name in ("weights", "build", "scan", "sign"):
+    stages = ("weights", "build", "scan", "sign", "smoke", "evaluate", "register")
+    assert set(record["stages"]) >= set(stages)
+    for name in stages:
         st = record["stages"][name]
         assert st["status"] == "succeeded" and isinstance(st["duration_s"], float)
     assert record["stages"]["build"]["result"]["image"].split("@")[1].startswith("sha256:")
@@ -82,6 +83,12 @@ def test_release_then_cached_rerun(
         "https://cyclonedx.org/bom",
         "https://gantry.dev/attestations/scan-result/v1",
     }
+    smoke = record["stages"]["smoke"]["result"]
+    assert smoke["cold_start_s"] > 0
+    evaluation = record["stages"]["evaluate"]["result"]
+    assert evaluation["score"] >= 0.8 and evaluation["n"] >= 200
+    registered = record["stages"]["register"]["result"]
+    assert registered["version"] and "candidate" in registered["aliases"]
     verified = _gantry(prefect_env, "verify", str(record_path), timeout=300)
     assert verified.returncode == 0, verified.stderr[-2000:]
 
@@ -90,8 +97,9 @@ def test_release_then_cached_rerun(
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.strip().splitlines()[-1] == str(record_path)
     again = json.loads(record_path.read_text())
-    for name in ("weights", "build", "sign"):
+    for name in ("weights", "build", "sign", "register"):
         assert again["stages"][name]["cached"], name
+    assert again["stages"]["register"]["result"]["version"] == registered["version"]
     assert (
         again["stages"]["build"]["result"]["digest"]
         == record["stages"]["build"]["result"]["digest"]
