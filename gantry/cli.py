@@ -214,13 +214,17 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _ensure_images(client: object, settings: Settings) -> None:
-    from gantry.localenv.baseimages import ensure_base_image
+    from gantry.localenv.baseimages import RECIPES, ensure_base_image
     from tasks.build import base_images, project_root
 
     refs: list[str] = []
     for df in sorted((project_root() / "dockerfiles").glob("*/Dockerfile")):
         refs += [r for r in base_images(df.read_text()) if r not in refs]
     for ref in refs:
+        if ref not in RECIPES:
+            # e.g. vLLM's GPU image: pulled where a registry is reachable, never faked here.
+            log.info("base image %s has no local recipe; a release that needs it pulls it", ref)
+            continue
         ensure_base_image(ref, docker_client=client, work_dir=settings.base_images_dir, log=log)
 
 

@@ -174,6 +174,37 @@ class RuntimeOptions(_Frozen):
         description="Non-secret environment variables for the runtime container.",
     )
 
+    @field_validator("args")
+    @classmethod
+    def _gpu_memory(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # Past 0.90, vLLM OOMs under load in ways that are hard to reproduce (seed checklist).
+        for i, arg in enumerate(v):
+            flag, eq, value = arg.partition("=")
+            if flag == "--gpu-memory-utilization":
+                raw = value if eq else (v[i + 1] if i + 1 < len(v) else "")
+                try:
+                    frac = float(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"--gpu-memory-utilization needs a number, got {raw!r}"
+                    ) from None
+                if not 0 < frac <= 0.90:
+                    raise ValueError(
+                        f"--gpu-memory-utilization {frac} is outside (0, 0.90]: leave headroom "
+                        "for the CUDA context and fragmentation"
+                    )
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _no_gpu_env(cls, v: dict[str, str]) -> dict[str, str]:
+        if "GPU_MEMORY_UTILIZATION" in v:
+            raise ValueError(
+                "vLLM ignores GPU_MEMORY_UTILIZATION; pass `--gpu-memory-utilization` in "
+                "runtime.args instead"
+            )
+        return v
+
 
 class BuildOptions(_Frozen):
     """How the image is built and where it goes."""

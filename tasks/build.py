@@ -150,21 +150,17 @@ def assemble_context(rt: Path, wheels: Sequence[Path], dest: Path) -> None:
     for name in ("Dockerfile", "requirements.txt", ".dockerignore"):
         if (rt / name).is_file():
             shutil.copy2(rt / name, dest / name)
-    if not (dest / "requirements.txt").is_file():
-        raise ConfigError(
-            f"{rt} has no requirements.txt",
-            fix="add a hash-locked requirements.txt beside the Dockerfile",
-        )
     if (rt / "server").is_dir():
         shutil.copytree(
             rt / "server",
             dest / "server",
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*cache"),
         )
-    wh = dest / "wheelhouse"
-    wh.mkdir()
-    for w in wheels:
-        os.link(w, wh / w.name)
+    if wheels:
+        wh = dest / "wheelhouse"
+        wh.mkdir()
+        for w in wheels:
+            os.link(w, wh / w.name)
 
 
 def image_labels(spec: ReleaseSpec, weights: WeightsResult, ctx_digest: str) -> dict[str, str]:
@@ -261,8 +257,12 @@ def build_image(
     arch = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
         str(client.info().get("Architecture")), "x86_64"
     )
-    wheels = Wheelhouse(settings.wheelhouse_dir).ensure(
-        rt / "requirements.txt", python_version="3.11", arch=arch
+    # A runtime built on a prebuilt serving image (vLLM, TEI) has no Python lock of its own.
+    lock = rt / "requirements.txt"
+    wheels = (
+        Wheelhouse(settings.wheelhouse_dir).ensure(lock, python_version="3.11", arch=arch)
+        if lock.is_file()
+        else []
     )
 
     settings.build_dir.mkdir(parents=True, exist_ok=True)

@@ -97,3 +97,35 @@ def test_endpoint_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.source.resolved_endpoint() == "http://127.0.0.1:9"
     explicit = parse_spec({**GOOD, "source": {**SOURCE, "endpoint": "http://h:1/"}})
     assert explicit.source.resolved_endpoint() == "http://h:1"
+
+
+@pytest.mark.parametrize(
+    ("args", "ok"),
+    [
+        (["--gpu-memory-utilization", "0.90"], True),
+        (["--gpu-memory-utilization=0.85"], True),
+        (["--gpu-memory-utilization", "0.95"], False),
+        (["--gpu-memory-utilization=1"], False),
+        (["--gpu-memory-utilization", "lots"], False),
+    ],
+)
+def test_gpu_memory_utilization_is_capped(args: list[str], ok: bool) -> None:
+    data = {**GOOD, "runtime": {"args": args}}
+    if ok:
+        parse_spec(data)
+    else:
+        with pytest.raises(SpecError, match=r"runtime\.args"):
+            parse_spec(data)
+
+
+def test_gpu_memory_utilization_env_var_is_refused() -> None:
+    with pytest.raises(SpecError, match="runtime.env.*--gpu-memory-utilization"):
+        parse_spec({**GOOD, "runtime": {"env": {"GPU_MEMORY_UTILIZATION": "0.9"}}})
+
+
+def test_example_eval_sets_load() -> None:
+    from gantry.evaluation import load_chat_set, load_retrieval_set
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "eval"
+    assert len(load_retrieval_set(root / "minilm-retrieval.jsonl")) >= 200
+    assert len(load_chat_set(root / "chat-smoke.jsonl")) >= 5
