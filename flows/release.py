@@ -10,11 +10,11 @@ from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec
 from tasks._retry import with_retries
 from tasks.build import build_task
-from tasks.evaluate import evaluate_release_task
+from tasks.evaluate import EvalResult, evaluate_release_task
 from tasks.register import register_task
-from tasks.scan import scan_task
+from tasks.scan import ScanResult, scan_task
 from tasks.sign import sign_task
-from tasks.smoke import smoke_task
+from tasks.smoke import SmokeResult, smoke_task
 from tasks.weights import weights_task
 
 
@@ -38,15 +38,27 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
         lambda: with_retries(weights_task, policy)(spec.source, str(settings.weights_dir)),
     )
     build = rec.run_stage("build", lambda: with_retries(build_task, policy)(spec, weights))
-    scan = rec.run_stage("scan", lambda: with_retries(scan_task, policy)(spec, build))
+    scan = rec.run_stage(
+        "scan",
+        lambda: with_retries(scan_task, policy)(spec, build),
+        reuse=(ScanResult, build.digest),
+    )
     sign = rec.run_stage(
         "sign", lambda: with_retries(sign_task, policy)(spec, build, scan, weights)
     )
+    # What smoke and evaluate consume: the image, the weights and their signatures.
+    served = (
+        f"{build.digest} {weights.manifest_digest} {sign.signature_ref} {sign.weights_signature}"
+    )
     smoke = rec.run_stage(
-        "smoke", lambda: with_retries(smoke_task, policy)(spec, build, weights, sign)
+        "smoke",
+        lambda: with_retries(smoke_task, policy)(spec, build, weights, sign),
+        reuse=(SmokeResult, served),
     )
     evaluation = rec.run_stage(
-        "evaluate", lambda: with_retries(evaluate_release_task, policy)(spec, build, weights, sign)
+        "evaluate",
+        lambda: with_retries(evaluate_release_task, policy)(spec, build, weights, sign),
+        reuse=(EvalResult, served),
     )
     rec.run_stage(
         "register",

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -53,6 +54,11 @@ class StageRecord(BaseModel):
     finished_at: datetime | None = None
     result: dict[str, Any] | None = None
     error: StageError | None = None
+    inputs: str | None = Field(
+        default=None,
+        description="Fingerprint of what the stage consumed (digests); a re-run of the release "
+        "re-uses the result when it is unchanged.",
+    )
 
 
 class ReleaseRecord(BaseModel):
@@ -98,26 +104,59 @@ class Recorder:
             stages={name: StageRecord() for name in STAGES},
         )
         releases_dir.mkdir(parents=True, exist_ok=True)
+        self.previous: ReleaseRecord | None = None
         if self.path.exists():
+            try:
+                self.previous = load_record(self.path)
+            except ValueError:
+                log.warning("previous record %s is unreadable; nothing will be reused", self.path)
             self._archive_previous()
         self.write()
 
     def _archive_previous(self) -> None:
         hist = self.path.parent / "history"
         hist.mkdir(exist_ok=True)
-        stamp = datetime.fromtimestamp(self.path.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S")
-        os.replace(self.path, hist / f"{self.path.stem}.{stamp}.{os.getpid()}.json")
+        # Microseconds and a random suffix: two runs in one second must not overwrite.
+        stamp = datetime.fromtimestamp(self.path.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S.%f")
+        os.replace(self.path, hist / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json")
 
     def write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(self.record.model_dump_json(indent=2))
         os.replace(tmp, self.path)
 
-    def run_stage(self, name: str, fn: Callable[[], T]) -> T:
+    def _reusable(self, name: str, result_type: type[T], inputs: str) -> T | None:
+        prev = self.previous.stages.get(name) if self.previous else None
+        if not (prev and prev.status == StageStatus.SUCCEEDED and prev.inputs == inputs):
+            return None
+        try:
+            return result_type.model_validate(prev.result)
+        except ValueError:
+            return None  # a result of an older Gantry version: run the stage again
+
+    def run_stage(
+        self, name: str, fn: Callable[[], T], *, reuse: tuple[type[T], str] | None = None
+    ) -> T:
         """Run one stage, recording its outcome; on failure the later stages are skipped
-        and the exception propagates (so the flow run fails with it)."""
+        and the exception propagates (so the flow run fails with it).
+
+        With ``reuse=(ResultType, inputs)``, a stage that succeeded in the previous run of
+        this release on the same ``inputs`` (a fingerprint of the digests it consumed) is
+        not run again: its result is taken over and marked cached. Resume, don't redo.
+        """
         st = self.record.stages[name]
         st.status, st.started_at = StageStatus.RUNNING, _now()
+        st.inputs = reuse[1] if reuse else None
+        if reuse and (prior := self._reusable(name, reuse[0], reuse[1])) is not None:
+            st.status, st.result, st.cached = (
+                StageStatus.SUCCEEDED,
+                json.loads(prior.model_dump_json()),
+                True,
+            )
+            st.duration_s, st.finished_at = 0.0, _now()
+            self.write()
+            log.info("stage %s: re-used from the previous run (inputs unchanged)", name)
+            return prior
         self.write()
         t0 = time.monotonic()
         try:

@@ -97,8 +97,8 @@ def test_release_then_cached_rerun(
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.strip().splitlines()[-1] == str(record_path)
     again = json.loads(record_path.read_text())
-    for name in ("weights", "build", "sign", "register"):
-        assert again["stages"][name]["cached"], name
+    for name in ("weights", "build", "scan", "sign", "smoke", "evaluate", "register"):
+        assert again["stages"][name]["cached"], name  # resume, don't redo
     assert again["stages"]["register"]["result"]["version"] == registered["version"]
     assert (
         again["stages"]["build"]["result"]["digest"]
