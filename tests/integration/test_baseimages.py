@@ -168,6 +168,11 @@ def test_reimports_from_the_cached_rootfs(
     # it a new image id and void the build cache of every image built FROM it.
     copy = baseimages.RECIPES[REF].model_copy(update={"ref": f"{TEST_REPO}:reimport"})
     monkeypatch.setitem(baseimages.RECIPES, copy.ref, copy)
+    # Where the engine already had the image (a fresh clone on a used machine) nothing was
+    # bootstrapped into this work dir yet: make sure the cached rootfs exists first.
+    work_dir.mkdir(parents=True, exist_ok=True)
+    baseimages._ensure_rootfs(copy, work_dir, log)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger=log.name):
         again = ensure_base_image(copy.ref, docker_client=client, work_dir=work_dir, log=log)
     assert again.built and again.standin
