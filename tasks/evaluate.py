@@ -144,7 +144,9 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 def _champion_score(spec: ReleaseSpec, champion_metrics: ChampionMetrics | None) -> float | None:
     if champion_metrics is None:
         return None
-    model_name = spec.mlflow.model_name or spec.name
+    from tasks.register import model_name_for
+
+    model_name = model_name_for(spec)
     metrics = champion_metrics(model_name)
     if not metrics or spec.evaluate.metric not in metrics:
         if metrics is not None:
@@ -371,47 +373,18 @@ def evaluate_release_task(
     from gantry.adapters import containers
     from gantry.adapters.docker_engine import connect
     from gantry.settings import get_settings
-    from gantry.verify import verify_artifacts
-    from tasks.register import model_name_for
-    from tasks.smoke import runtime_env
+    from tasks.smoke import start_runtime, verify_inputs
 
     if spec.evaluate.dataset is None:
         return _measure_and_report(spec, "", None)
-    verify_artifacts(
-        image=build.image,
-        image_public_key=Path(sign.public_key),
-        weights_path=Path(weights.path),
-        manifest_path=Path(weights.manifest_path),
-        weights_signature=Path(sign.weights_signature),
-        weights_public_key=Path(sign.weights_public_key),
-    )
+    verify_inputs(build, weights, sign)
     settings = get_settings()
     client = connect(settings.docker_timeout_s)
     try:
         containers.remove_leftovers(client, spec.release_id, "evaluate")
         gpus = containers.resolve_gpus(client.info(), spec.smoke.accelerator, spec.smoke.gpus)
-        with containers.run_hardened(
-            client,
-            build.image,
-            weights_dir=Path(weights.path),
-            mount_point=spec.runtime.model_mount,
-            port=spec.runtime.port,
-            env=runtime_env(spec),
-            args=spec.runtime.args,
-            cpus=spec.smoke.cpus,
-            memory_mb=spec.smoke.memory_mb,
-            gpus=gpus,
-            labels={
-                containers.RELEASE_LABEL: spec.release_id,
-                containers.STAGE_LABEL: "evaluate",
-            },
-        ) as running:
+        with start_runtime(client, spec, build, weights, gpus, "evaluate") as running:
             containers.wait_healthy(running, spec.runtime.health_path, spec.smoke.deadline_s)
-            champion = mlflow_champion_metrics(spec)
-
-            def champion_for(_: str) -> dict[str, float] | None:
-                return champion(model_name_for(spec))
-
-            return _measure_and_report(spec, running.base_url, champion_for)
+            return _measure_and_report(spec, running.base_url, mlflow_champion_metrics(spec))
     finally:
         client.close()

@@ -25,6 +25,7 @@ from gantry.manifest import WeightsManifest
 from gantry.results import BuildResult, WeightsResult
 from gantry.settings import Settings
 from gantry.signing import image as image_signing
+from gantry.signing.image import VerifiedSignature
 from gantry.spec import ReleaseSpec
 from tasks._retry import retry_transient
 from tasks.scan import ScanResult
@@ -59,12 +60,11 @@ def weights_signature_path(weights: WeightsResult) -> Path:
     return snap.with_name(snap.name + ".sig.json")
 
 
-def _already_signed(image: str, keys: KeyPaths) -> bool:
+def _existing_signature(image: str, keys: KeyPaths) -> VerifiedSignature | None:
     try:
-        image_signing.verify_image(image, Path(keys.image_pub))
+        return image_signing.verify_image(image, Path(keys.image_pub))
     except SignatureVerificationError:
-        return False
-    return True
+        return None
 
 
 def _already_attested(image: str, keys: KeyPaths, predicate: str) -> bool:
@@ -88,13 +88,14 @@ def sign_release(
     opts = spec.sign
     reused = True
 
-    if _already_signed(build.image, keys):
+    if (existing := _existing_signature(build.image, keys)) is not None:
         log.info("image %s is already signed with %s", build.image, keys.image_pub)
-        sig = None
+        signer, signature_ref = existing.signer, existing.signature_ref
     else:
         reused = False
         sig = image_signing.sign_image(build.image, opts, Path(keys.image_key))
         log.info("signed %s (%s signer)", build.image, sig.signer)
+        signer, signature_ref = sig.signer, sig.signature_ref
 
     attestations: dict[str, str] = {}
     for predicate, body in (
@@ -107,7 +108,6 @@ def sign_release(
         reused = False
         ref = image_signing.attest(build.image, predicate, body, opts, Path(keys.image_key))
         attestations[predicate] = ref.reference
-    verified = image_signing.verify_image(build.image, Path(keys.image_pub))
 
     manifest = WeightsManifest.model_validate_json(Path(weights.manifest_path).read_bytes())
     wsig: WeightsSignature = sign_weights(
@@ -121,8 +121,8 @@ def sign_release(
     reused = reused and wsig.reused
     return SignResult(
         image=build.image,
-        signer=sig.signer if sig else verified.signer,
-        signature_ref=sig.signature_ref if sig else verified.signature_ref,
+        signer=signer,
+        signature_ref=signature_ref,
         public_key=keys.image_pub,
         attestations=attestations,
         weights_signature=str(wsig.path),

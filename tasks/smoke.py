@@ -36,7 +36,7 @@ from gantry.errors import (
 from gantry.results import BuildResult, WeightsResult
 from gantry.settings import Settings
 from gantry.spec import Accelerator, Protocol, ReleaseSpec, SmokeOptions
-from gantry.verify import verify_artifacts
+from gantry.verify import Verified, verify_artifacts
 from tasks._retry import retry_transient
 from tasks.sign import SignResult
 
@@ -300,8 +300,40 @@ def smoke_logs_path(settings: Settings, release_id: str) -> Path:
     return settings.releases_dir / release_id / STAGE / "container.log"
 
 
-def smoke_labels(release_id: str) -> dict[str, str]:
-    return {containers.RELEASE_LABEL: release_id, containers.STAGE_LABEL: STAGE}
+def verify_inputs(build: BuildResult, weights: WeightsResult, sign: SignResult) -> Verified:
+    """Verification before use of what a serving stage is about to run and mount."""
+    return verify_artifacts(
+        image=build.image,
+        image_public_key=Path(sign.public_key),
+        weights_path=Path(weights.path),
+        manifest_path=Path(weights.manifest_path),
+        weights_signature=Path(sign.weights_signature),
+        weights_public_key=Path(sign.weights_public_key),
+    )
+
+
+def start_runtime(
+    client: docker_engine.DockerClient,
+    spec: ReleaseSpec,
+    build: BuildResult,
+    weights: WeightsResult,
+    gpus: int | None,
+    stage: str,
+) -> containers.RunningContainer:
+    """The signed image run hardened as the spec says, labelled for ``stage``."""
+    return containers.run_hardened(
+        client,
+        build.image,
+        weights_dir=Path(weights.path),
+        mount_point=spec.runtime.model_mount,
+        port=spec.runtime.port,
+        env=runtime_env(spec),
+        args=spec.runtime.args,
+        cpus=spec.smoke.cpus,
+        memory_mb=spec.smoke.memory_mb,
+        gpus=gpus,
+        labels={containers.RELEASE_LABEL: spec.release_id, containers.STAGE_LABEL: stage},
+    )
 
 
 def _save_logs(path: Path, running: containers.RunningContainer) -> None:
@@ -327,14 +359,7 @@ def smoke_test(
         raise SignatureVerificationError(
             build.image, f"the sign stage signed {sign.image}, not this image"
         )
-    verified = verify_artifacts(
-        image=build.image,
-        image_public_key=Path(sign.public_key),
-        weights_path=Path(weights.path),
-        manifest_path=Path(weights.manifest_path),
-        weights_signature=Path(sign.weights_signature),
-        weights_public_key=Path(sign.weights_public_key),
-    )
+    verified = verify_inputs(build, weights, sign)
     log.info("verified %s and %s in %.2fs", build.image, weights.uri, verified.seconds)
 
     check_world_readable(Path(weights.path))
@@ -349,19 +374,7 @@ def smoke_test(
     probe = PROBES[spec.runtime.protocol](spec.runtime.served_model_name or spec.name)
 
     for attempt in (1, 2):
-        running = containers.run_hardened(
-            client,
-            build.image,
-            weights_dir=Path(weights.path),
-            mount_point=spec.runtime.model_mount,
-            port=spec.runtime.port,
-            env=runtime_env(spec),
-            args=spec.runtime.args,
-            cpus=opts.cpus,
-            memory_mb=opts.memory_mb,
-            gpus=gpus,
-            labels=smoke_labels(release_id),
-        )
+        running = start_runtime(client, spec, build, weights, gpus, STAGE)
         with running:
             try:
                 log.info("container %s started (attempt %d)", running.id[:12], attempt)

@@ -222,27 +222,11 @@ def fetch_weights(
 
     # A full commit sha is immutable: with its snapshot cached, the hub is not asked at all.
     if _COMMIT.match(source.revision):
-        snap_dir = store.snapshot_dir(source.repo_id, source.revision, source.allow_patterns)
-        if (m := _load_manifest(store.manifest_path(snap_dir))) and snap_dir.is_dir():
+        snap_dir, m = _cached(store, source, source.revision)
+        if m is not None:
             if m.gated and not token:
                 raise gated_without_token(source.repo_id, endpoint, source.token_env)
-            log.info(
-                "weights %s@%s cached; verifying %d files",
-                source.repo_id,
-                source.revision,
-                len(m.files),
-            )
-            secs = verify_snapshot(snap_dir, m)
-            return _result(
-                source,
-                source.revision,
-                source.revision,
-                endpoint,
-                snap_dir,
-                m,
-                downloaded=[],
-                verify_s=secs,
-            )
+            return _from_cache(source, source.revision, endpoint, snap_dir, m)
 
     log.info("resolving %s@%s on %s", source.repo_id, source.revision, endpoint)
     snap = hub.resolve(source.repo_id, source.revision, source.allow_patterns)
@@ -263,25 +247,31 @@ def fetch_weights(
     # a token: a copy cached by someone who had one is not served to someone who has none.
     if snap.gated and not token:
         raise gated_without_token(source.repo_id, endpoint, source.token_env)
-    snap_dir = store.snapshot_dir(source.repo_id, snap.commit, source.allow_patterns)
-    manifest_path = store.manifest_path(snap_dir)
-
-    if (m := _load_manifest(manifest_path)) and snap_dir.is_dir():
+    snap_dir, m = _cached(store, source, snap.commit)
+    if m is not None:
         _check_manifest_matches_hub(m, snap, snap_dir)
-        log.info("weights cached at %s; verifying %d files", snap_dir, len(m.files))
-        secs = verify_snapshot(snap_dir, m)
-        return _result(
-            source,
-            source.revision,
-            snap.commit,
-            endpoint,
-            snap_dir,
-            m,
-            downloaded=[],
-            verify_s=secs,
-        )
+        return _from_cache(source, snap.commit, endpoint, snap_dir, m)
 
     return _build_snapshot(source, snap, store, hub, snap_dir, endpoint)
+
+
+def _cached(
+    store: WeightStore, source: HubSource, commit: str
+) -> tuple[Path, WeightsManifest | None]:
+    """The snapshot dir for ``commit`` and its manifest, if a finished snapshot is cached."""
+    snap_dir = store.snapshot_dir(source.repo_id, commit, source.allow_patterns)
+    m = _load_manifest(store.manifest_path(snap_dir))
+    return snap_dir, m if m is not None and snap_dir.is_dir() else None
+
+
+def _from_cache(
+    source: HubSource, commit: str, endpoint: str, snap_dir: Path, m: WeightsManifest
+) -> WeightsResult:
+    log.info("weights cached at %s; verifying %d files", snap_dir, len(m.files))
+    secs = verify_snapshot(snap_dir, m)
+    return _result(
+        source, source.revision, commit, endpoint, snap_dir, m, downloaded=[], verify_s=secs
+    )
 
 
 def _check_manifest_matches_hub(m: WeightsManifest, snap: RepoSnapshot, snap_dir: Path) -> None:

