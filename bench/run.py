@@ -19,11 +19,9 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,12 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.common import bench_env  # noqa: E402 - after the path is set
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -66,36 +59,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each cheap measurement")
     args = ap.parse_args()
 
-    state = Path(tempfile.mkdtemp(prefix="gantry-bench-"))
-    env = {
-        "GANTRY_STATE_DIR": str(state),
-        "GANTRY_CACHE_DIR": str(ROOT / ".gantry" / "cache"),
-        "GANTRY_LOCAL_REGISTRY_ADDR": f"127.0.0.1:{_port()}",
-        "GANTRY_HUB_ADDR": f"127.0.0.1:{_port()}",
-        "GANTRY_PREFECT_PORT": str(_port()),
-    }
-    os.environ.update(env)
-    from gantry.adapters.docker_engine import connect
-    from gantry.localenv.services import hub_service, prefect_env, prefect_service, registry_service
-    from gantry.localhub.demo import assemble_demo
-    from gantry.localhub.store import HubStore
-    from gantry.manifest import hash_many, sha256_file
-    from gantry.settings import Settings
-    from gantry.spec import parse_spec
-    from tasks.build import build_image
-    from tasks.weights import WeightStore, fetch_weights
-
-    settings = Settings.from_env()
-    demo = assemble_demo(HubStore(settings.hub_dir / "store"), settings.demo_wheels_dir)
-    services = [registry_service(settings), hub_service(settings), prefect_service(settings)]
     results: dict[str, Any] = {}
-    client = connect()
-    try:
-        for s in services:
-            s.start()
-        env.update(prefect_env(settings))
-        env["HF_ENDPOINT"] = settings.hub_url
-        os.environ.update(env)
+    with bench_env("gantry-bench-") as (settings, env):
+        # Imported once the environment names the benchmark's state dir.
+        from gantry.adapters.docker_engine import connect
+        from gantry.localhub.demo import assemble_demo
+        from gantry.localhub.store import HubStore
+        from gantry.manifest import hash_many, sha256_file
+        from gantry.spec import parse_spec
+        from tasks.build import build_image
+        from tasks.weights import WeightStore, fetch_weights
+
+        client = connect()
+        state = settings.state_dir
+        demo = assemble_demo(HubStore(settings.hub_dir / "store"), settings.demo_wheels_dir)
         spec_path = state / "spec.yaml"
         spec_path.write_text((ROOT / "examples" / "minilm-demo.yaml").read_text())
 
@@ -165,11 +142,7 @@ def main() -> None:
             "sha256sum_mib_s": round(size / ref / 2**20, 1),
             "ratio": round(ref / ours, 3),
         }
-    finally:
-        for s in reversed(services):
-            s.stop()
-        client.close()
-        shutil.rmtree(state, ignore_errors=True)
+    client.close()
 
     results["machine"] = {
         "cpus": os.cpu_count(),

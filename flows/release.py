@@ -10,6 +10,7 @@ from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec
 from tasks._retry import with_retries
 from tasks.build import build_task
+from tasks.canary import canary_task
 from tasks.evaluate import EvalResult, evaluate_release_task
 from tasks.register import register_task
 from tasks.scan import ScanResult, scan_task
@@ -25,10 +26,15 @@ from tasks.weights import weights_task
     log_prints=False,
 )
 def release(spec: ReleaseSpec) -> ReleaseRecord:
-    """Release one model: weights → build → scan → sign → smoke → evaluate → register.
+    """Release one model: weights → build → scan → sign → smoke → evaluate → register →
+    canary.
 
     Each stage is retried only on transient errors, with the spec's backoff; each skips its
     work when its content-addressed result already exists.
+
+    Args:
+        spec: What to release and how, with the fields of a spec YAML file
+            (`gantry spec-schema`). The same spec resumes the same release.
     """
     settings = get_settings()
     rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run.get_id())
@@ -60,10 +66,16 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
         lambda: with_retries(evaluate_release_task, policy)(spec, build, weights, sign),
         reuse=(EvalResult, served),
     )
-    rec.run_stage(
+    registered = rec.run_stage(
         "register",
         lambda: with_retries(register_task, policy)(
             spec, weights, build, scan, sign, evaluation, smoke
         ),
+    )
+    # Not re-used from an earlier record: the live deployment is the truth, and the stage
+    # itself finds a release that is already champion (and only checks it serves).
+    rec.run_stage(
+        "canary",
+        lambda: with_retries(canary_task, policy)(spec, build, weights, sign, registered),
     )
     return rec.succeed()

@@ -27,7 +27,7 @@ from gantry.spec import ReleaseSpec
 log = logging.getLogger("gantry.record")
 
 #: The pipeline's stages, in order. A stage not yet run in a record is ``pending``.
-STAGES = ("weights", "build", "scan", "sign", "smoke", "evaluate", "register")
+STAGES = ("weights", "build", "scan", "sign", "smoke", "evaluate", "register", "canary")
 
 T = TypeVar("T", bound=BaseModel)
 

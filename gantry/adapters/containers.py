@@ -110,6 +110,8 @@ def run_kwargs(
     labels: Mapping[str, str],
     user: str,
     pids_limit: int = DEFAULT_PIDS_LIMIT,
+    network: str = "bridge",
+    name: str | None = None,
 ) -> dict[str, Any]:
     """The docker-py ``containers.create``/``run`` keyword arguments (pure; unit-tested)."""
     if RELEASE_LABEL not in labels:
@@ -132,10 +134,12 @@ def run_kwargs(
         # Loopback only, ephemeral host port: nothing outside this host can reach it, and
         # parallel runs never collide.
         "ports": {f"{port}/tcp": ("127.0.0.1", None)},
-        "network_mode": "bridge",
+        "network": network,
         "environment": dict(env),
         "labels": dict(labels),
     }
+    if name:
+        kwargs["name"] = name
     if gpus:
         kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
     return kwargs
@@ -251,8 +255,14 @@ def run_hardened(
     memory_mb: int,
     gpus: int | None,
     labels: Mapping[str, str],
+    network: str = "bridge",
+    name: str | None = None,
 ) -> RunningContainer:
-    """Start ``image`` (by digest) hardened; the caller must use the result in ``with``.
+    """Start ``image`` (by digest) hardened; the caller must use the result in ``with``
+    (or own its removal, as a deployment does).
+
+    ``network`` is a Docker network to join (a deployment's private one, where the router
+    finds the container by ``name``); the port is published on loopback either way.
 
     Created and started in two calls (what ``containers.run(detach=True)`` does) so a
     failed or interrupted start removes the container instead of leaving it behind.
@@ -273,6 +283,8 @@ def run_hardened(
         gpus=gpus,
         labels=labels,
         user=container_user(config.get("User")),
+        network=network,
+        name=name,
     )
     kwargs.pop("detach")  # create() is always detached
     try:

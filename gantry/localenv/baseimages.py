@@ -143,6 +143,13 @@ RECIPES: dict[str, Recipe] = {
             python="3.11",
             cmd=("python3",),
         ),
+        # The canary router. The official image keeps its config at this path and runs as
+        # user `haproxy`, which Debian's package creates too.
+        Recipe(
+            ref="haproxy:2.6-bookworm",
+            include=("haproxy",),
+            cmd=("haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"),
+        ),
     )
 }
 

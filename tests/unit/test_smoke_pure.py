@@ -63,7 +63,7 @@ def test_hardening_kwargs_are_exact() -> None:
         "pids_limit": 512,
         "volumes": {"/state/weights/snap": {"bind": "/models", "mode": "ro"}},
         "ports": {"8080/tcp": ("127.0.0.1", None)},
-        "network_mode": "bridge",
+        "network": "bridge",
         "environment": {"MODEL_PATH": "/models"},
         "labels": LABELS,
     }

@@ -1,0 +1,340 @@
+"""HAProxy as the canary router: its configuration, its runtime API, its access log.
+
+Prefect-free. The configuration is rendered here (two server slots, ``a`` and ``b``, one
+per model version, found by container name through Docker's DNS); weights and server
+states then change through HAProxy's runtime API without dropping a connection, and
+every request is logged as one ``gantry-access`` line that :func:`parse_access_line`
+reads back for the canary analysis (per-server status and latency).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import socket
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gantry.errors import RouterError, RouterUnavailableError
+
+log = logging.getLogger(__name__)
+
+BACKEND = "model"
+FRONTEND_PORT = 8080
+ADMIN_PORT = 9999
+CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
+#: Requests carrying this header go to the named slot (quality and synthetic probes).
+ROUTE_HEADER = "x-gantry-route"
+#: Marks Gantry's own probe requests in the access log: `quality` probes (big eval-set
+#: batches) are left out of the latency and error statistics, `synthetic` ones are not.
+PROBE_HEADER = "x-gantry-probe"
+#: HAProxy server weights go up to 256; Gantry speaks percent.
+MAX_WEIGHT = 100
+_ACCESS = re.compile(
+    r"gantry-access server=(?P<server>\S+) status=(?P<status>-?\d+) ta=(?P<ta>-?\d+) "
+    r"tr=(?P<tr>-?\d+) retries=(?P<retries>\+?-?\d+) term=(?P<term>\S+)"
+    r"(?: probe=(?P<probe>\S*))?"
+)
+
+
+class Slot(StrEnum):
+    """One of the router's two server slots; champion and candidate take one each."""
+
+    A = "a"
+    B = "b"
+
+    @property
+    def other(self) -> Slot:
+        return Slot.B if self is Slot.A else Slot.A
+
+
+class ServerState(StrEnum):
+    """Admin states of a server (`set server <b>/<s> state …`)."""
+
+    READY = "ready"
+    DRAIN = "drain"  # no new connections; those in flight finish
+    MAINT = "maint"  # out of rotation, health checks stopped
+
+
+class RouterConfig(BaseModel):
+    """What the rendered configuration depends on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    deployment: str = Field(description="Names the slot containers `<deployment>-a|b`.")
+    runtime_port: int = Field(ge=1, le=65535)
+    health_path: str = "/health"
+    weights: Mapping[Slot, int] = Field(default_factory=dict)
+    timeout_server_s: int = Field(default=120, ge=1)
+
+
+def slot_host(deployment: str, slot: Slot) -> str:
+    """The container name (and DNS name on the deployment network) of a slot."""
+    return f"{deployment}-{slot.value}"
+
+
+def render_config(cfg: RouterConfig) -> str:
+    """The haproxy.cfg of a deployment (pure; golden-tested).
+
+    Why each setting: the runtime API on a TCP port (published on loopback only) changes
+    weights live; `resolvers docker` finds each slot's container by name, so a container
+    restarted with a new address is followed; `init-addr none` lets the router start
+    while a slot is empty; `retry-on` + `redispatch` send a request that hit a dead or
+    vanished server to the other one, which is what keeps client requests from failing
+    while a crashed candidate is being taken out.
+    """
+    servers = []
+    for slot in Slot:
+        weight = int(cfg.weights.get(slot, 0))
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight of slot {slot} must be 0-{MAX_WEIGHT}, not {weight}")
+        servers.append(
+            f"    use-server {slot.value} if {{ req.hdr({ROUTE_HEADER}) -m str {slot.value} }}\n"
+        )
+    for slot in Slot:
+        weight = int(cfg.weights.get(slot, 0))
+        servers.append(
+            f"    server {slot.value} {slot_host(cfg.deployment, slot)}:{cfg.runtime_port} "
+            f"weight {weight}\n"
+        )
+    health = cfg.health_path if cfg.health_path.startswith("/") else f"/{cfg.health_path}"
+    return (
+        f"# Rendered by Gantry for deployment {cfg.deployment}. Re-rendered on every weight\n"
+        "# change, so a restarted router comes back with the current weights.\n"
+        "global\n"
+        "    log stdout format raw local0 info\n"
+        f"    stats socket ipv4@0.0.0.0:{ADMIN_PORT} level admin\n"
+        "    stats timeout 10s\n"
+        "    maxconn 4096\n"
+        "\n"
+        "resolvers docker\n"
+        "    nameserver dns 127.0.0.11:53\n"
+        "    resolve_retries 3\n"
+        "    timeout resolve 1s\n"
+        "    timeout retry 1s\n"
+        "    hold valid 2s\n"
+        "    hold nx 1s\n"
+        "    hold obsolete 1s\n"
+        "\n"
+        "defaults\n"
+        "    mode http\n"
+        "    log global\n"
+        '    log-format "gantry-access server=%s status=%ST ta=%Ta tr=%Tr retries=%rc '
+        'term=%tsc probe=%[capture.req.hdr(0)]"\n'
+        "    option dontlognull\n"
+        "    timeout connect 1s\n"
+        "    timeout client 60s\n"
+        f"    timeout server {cfg.timeout_server_s}s\n"
+        "    timeout http-request 10s\n"
+        "    timeout http-keep-alive 10s\n"
+        "    timeout queue 30s\n"
+        "    retries 3\n"
+        "    option redispatch 1\n"
+        "    retry-on conn-failure empty-response junk-response response-timeout\n"
+        "\n"
+        "frontend inference\n"
+        f"    bind :{FRONTEND_PORT}\n"
+        f"    http-request capture req.hdr({PROBE_HEADER}) len 16\n"
+        f"    default_backend {BACKEND}\n"
+        "\n"
+        f"backend {BACKEND}\n"
+        "    balance roundrobin\n"
+        "    option httpchk\n"
+        f"    http-check send meth GET uri {health}\n"
+        "    http-check expect status 200\n"
+        "    default-server check inter 1s fastinter 500ms downinter 1s fall 2 rise 1 "
+        "resolvers docker resolve-prefer ipv4 init-addr none\n" + "".join(servers)
+    )
+
+
+# --- runtime API ---------------------------------------------------------------------------
+
+
+class ServerStat(BaseModel):
+    """One server's line of `show stat` (the fields the canary uses)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    status: str = Field(description="UP, DOWN, MAINT, DRAIN, NOLB, … (with check details).")
+    weight: int
+    current_sessions: int = Field(description="scur: connections open now.")
+    total_sessions: int = Field(description="stot")
+    connection_errors: int = Field(description="econ")
+    response_errors: int = Field(description="eresp")
+    retries: int = Field(description="wretr")
+    redispatches: int = Field(description="wredis")
+    http_5xx: int = Field(description="hrsp_5xx")
+    address: str = Field(default="", description="addr: the resolved address, if any.")
+
+    @property
+    def up(self) -> bool:
+        return self.status.startswith("UP")
+
+
+def _int(row: Mapping[str, str], key: str) -> int:
+    value = row.get(key) or "0"
+    return int(value) if value.lstrip("-").isdigit() else 0
+
+
+def parse_show_stat(text: str, backend: str = BACKEND) -> dict[str, ServerStat]:
+    """The servers of ``backend`` in `show stat` CSV output, by name."""
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise RouterError(f"unexpected `show stat` output: {text[:200]!r}")
+    reader = csv.DictReader(io.StringIO("\n".join([lines[0][2:], *lines[1:]])))
+    out: dict[str, ServerStat] = {}
+    for row in reader:
+        if row.get("pxname") != backend or row.get("svname") in ("FRONTEND", "BACKEND"):
+            continue
+        out[row["svname"]] = ServerStat(
+            name=row["svname"],
+            status=row.get("status") or "",
+            weight=_int(row, "weight"),
+            current_sessions=_int(row, "scur"),
+            total_sessions=_int(row, "stot"),
+            connection_errors=_int(row, "econ"),
+            response_errors=_int(row, "eresp"),
+            retries=_int(row, "wretr"),
+            redispatches=_int(row, "wredis"),
+            http_5xx=_int(row, "hrsp_5xx"),
+            address=row.get("addr") or "",
+        )
+    return out
+
+
+def parse_server_weights(text: str) -> dict[str, int]:
+    """``srv_name -> srv_uweight`` from `show servers state` (a version line, a ``#`` header,
+    then one space-separated row per server)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    header = next((ln[2:].split() for ln in lines if ln.startswith("# ")), None)
+    if header is None or "srv_name" not in header or "srv_uweight" not in header:
+        raise RouterError(f"unexpected `show servers state` output: {text[:200]!r}")
+    name_i, weight_i = header.index("srv_name"), header.index("srv_uweight")
+    out: dict[str, int] = {}
+    for ln in lines:
+        cols = ln.split()
+        if ln.startswith("#") or len(cols) < len(header):
+            continue
+        out[cols[name_i]] = int(cols[weight_i])
+    return out
+
+
+class RuntimeAPI:
+    """HAProxy's runtime API over TCP: one command per connection, with a timeout."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 5.0) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+
+    def command(self, line: str) -> str:
+        """Send one command; its answer. Transient when the router does not answer."""
+        if "\n" in line or ";" in line:
+            raise ValueError(f"one runtime API command at a time, not {line!r}")
+        try:
+            with socket.create_connection((self.host, self.port), timeout=self.timeout_s) as s:
+                s.sendall(line.encode() + b"\n")
+                chunks = []
+                while chunk := s.recv(65536):
+                    chunks.append(chunk)
+        except OSError as exc:
+            raise RouterUnavailableError(
+                f"the router's runtime API at {self.host}:{self.port} did not answer "
+                f"`{line.split()[0]}`: {exc}",
+                fix="check the router container is running (`docker ps --filter "
+                "label=ai.gantry.role=router`); `gantry rollback MODEL` recreates it",
+            ) from None
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    def _checked(self, line: str) -> None:
+        answer = self.command(line).strip()
+        # Successful `set` commands answer nothing (or a notice about a changed address).
+        if answer and not answer.lower().startswith(("no need to change", "ip changed")):
+            raise RouterError(f"router refused `{line}`: {answer[:300]}")
+
+    def set_weight(self, slot: Slot, weight: int) -> None:
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be 0-{MAX_WEIGHT}, not {weight}")
+        self._checked(f"set server {BACKEND}/{slot.value} weight {weight}")
+
+    def set_state(self, slot: Slot, state: ServerState) -> None:
+        self._checked(f"set server {BACKEND}/{slot.value} state {state.value}")
+
+    def stats(self) -> dict[str, ServerStat]:
+        return parse_show_stat(self.command("show stat"))
+
+    def weights(self) -> dict[str, int]:
+        """The weight set for each server (also for one in maintenance, whose `show stat`
+        weight stays at the configured one)."""
+        return parse_server_weights(self.command(f"show servers state {BACKEND}"))
+
+    def alive(self) -> bool:
+        try:
+            return "Name: HAProxy" in self.command("show info")
+        except RouterUnavailableError:
+            return False
+
+    def wait_alive(self, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        while not self.alive():
+            if time.monotonic() > end:
+                raise RouterUnavailableError(
+                    f"the router's runtime API at {self.host}:{self.port} did not come up "
+                    f"within {deadline_s:.0f}s",
+                    fix="read the router container's log (`docker logs <deployment>-router`)",
+                )
+            time.sleep(0.2)
+
+
+# --- access log ----------------------------------------------------------------------------
+
+
+class AccessRecord(BaseModel):
+    """One request as the router logged it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    server: str = Field(description="Slot that answered; `<NOSRV>` when none could.")
+    status: int = Field(description="HTTP status sent to the client; -1 when none was.")
+    total_ms: int = Field(description="%Ta: time the request was active in the router.")
+    response_ms: int = Field(description="%Tr: server's time to the response headers, -1: none.")
+    retries: int
+    redispatched: bool
+    termination: str = Field(description="%tsc: `----` for a normal end.")
+    probe: str = Field(default="", description="Gantry's probe kind; empty for live traffic.")
+
+    @property
+    def failed(self) -> bool:
+        """What a client saw as a failure: no answer, or a 5xx."""
+        return self.status < 0 or self.status >= 500
+
+
+def parse_access_line(line: str) -> AccessRecord | None:
+    """A ``<RFC 3339 timestamp> gantry-access …`` line (``docker logs -t``); None for others."""
+    stamp, _, rest = line.strip().partition(" ")
+    m = _ACCESS.search(rest)
+    if not m:
+        return None
+    try:
+        # Docker writes nanoseconds; Python parses up to microseconds.
+        at = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    retries = m["retries"]
+    return AccessRecord(
+        at=at,
+        server=m["server"],
+        status=int(m["status"]),
+        total_ms=int(m["ta"]),
+        response_ms=int(m["tr"]),
+        retries=abs(int(retries.lstrip("+"))),
+        redispatched=retries.startswith("+"),
+        termination=m["term"],
+        probe="" if m["probe"] in (None, "-") else m["probe"],
+    )

@@ -1,0 +1,182 @@
+"""A deployment's durable status and its lock, under ``<state dir>/deployments/<model>/``.
+
+``status.json`` says what serves where (champion, candidate, a previous champion kept
+warm) and holds the current canary's :class:`~gantry.canary.CanaryStatus`; it is written
+atomically at every transition, so whatever kills a run, the next one (or
+``gantry rollback``) knows what to undo. Finished canaries are kept under ``history/``.
+
+``lock`` is an advisory ``flock``: one canary (or rollback) per model at a time. The
+kernel drops it when its holder dies, so a killed run never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gantry.adapters.haproxy import Slot
+from gantry.canary import CanaryStatus, now
+from gantry.errors import CanaryLockedError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Served(BaseModel):
+    """One model version placed in one router slot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str = Field(description="MLflow model version.")
+    release_id: str
+    record: str = Field(description="Release record: how to start this version again.")
+    image: str = Field(description="The image, by digest.")
+    slot: Slot
+
+
+class DeploymentStatus(BaseModel):
+    """What the model's deployment looks like (the desired state Gantry reconciles to)."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    model: str = Field(description="MLflow registered model name.")
+    name: str = Field(description="Docker-safe name: prefix of the containers and network.")
+    port: int | None = Field(default=None, description="Endpoint port on 127.0.0.1.")
+    runtime_port: int | None = Field(default=None, description="Port the servers listen on.")
+    health_path: str | None = None
+    champion: Served | None = None
+    candidate: Served | None = None
+    previous: Served | None = Field(
+        default=None, description="The champion before the last promotion, kept warm."
+    )
+    previous_warm_until: datetime | None = None
+    previous_retired: bool = Field(
+        default=True, description="The previous champion's container was removed."
+    )
+    canary: CanaryStatus | None = None
+    updated_at: datetime = Field(default_factory=now)
+
+    def slot_of(self, version: str) -> Slot | None:
+        for s in (self.champion, self.candidate, self.previous):
+            if s is not None and s.version == version:
+                return s.slot
+        return None
+
+    def free_slot(self) -> Slot:
+        """The slot the champion does not use."""
+        return self.champion.slot.other if self.champion else Slot.A
+
+
+_SAFE = re.compile(r"[^a-z0-9-]+")
+
+
+def deployment_name(model: str, namespace: str) -> str:
+    """A Docker-safe name for ``model`` in one state dir (``namespace``): two state dirs
+    (the demo's and a test run's) on one engine never share a container or network."""
+    slug = _SAFE.sub("-", model.lower()).strip("-")[:40] or "model"
+    # The model's own name is hashed in too: MLflow allows names that slug alike.
+    tag = hashlib.sha256(f"{namespace}\0{model}".encode()).hexdigest()[:6]
+    return f"gantry-{slug}-{tag}"
+
+
+class DeploymentStore:
+    """Reads and writes one model's status; the directory is created on first write."""
+
+    def __init__(self, deployments_dir: Path, model: str) -> None:
+        if not model or "/" in model or model in (".", ".."):
+            raise ConfigError(f"{model!r} is not a usable model name for a deployment")
+        self.model = model
+        self.name = deployment_name(model, str(deployments_dir.resolve()))
+        self.dir = deployments_dir / self.name
+        self.path = self.dir / "status.json"
+
+    @property
+    def router_config(self) -> Path:
+        return self.dir / "haproxy.cfg"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> DeploymentStatus:
+        """The stored status; a fresh one when the model was never deployed here."""
+        if not self.path.is_file():
+            return DeploymentStatus(model=self.model, name=self.name)
+        try:
+            status = DeploymentStatus.model_validate_json(self.path.read_bytes())
+        except ValueError as exc:
+            raise ConfigError(
+                f"deployment status {self.path} is unreadable: {exc}",
+                fix=f"move it aside and run `gantry rollback {self.model}` to rebuild it from "
+                "the running containers and MLflow",
+            ) from None
+        return status
+
+    def save(self, status: DeploymentStatus) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        status.updated_at = now()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(status.model_dump_json(indent=2))
+        os.replace(tmp, self.path)
+
+    def archive_canary(self, canary: CanaryStatus) -> Path:
+        """Keep a finished canary's status under ``history/`` (never overwritten)."""
+        hist = self.dir / "history"
+        hist.mkdir(parents=True, exist_ok=True)
+        stamp = canary.started_at.strftime("%Y%m%dT%H%M%S.%f")
+        path = hist / f"{stamp}-{canary.release_id}.json"
+        path.write_text(canary.model_dump_json(indent=2))
+        return path
+
+    @contextlib.contextmanager
+    def lock(self, wait_s: float, holder: str) -> Iterator[None]:
+        """Hold the deployment's lock; wait up to ``wait_s`` for another holder, then fail
+        with who holds it. ``holder`` (e.g. the release id) is written for that message."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline, announced = time.monotonic() + wait_s, False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                other = _read_holder(path)
+                if time.monotonic() >= deadline:
+                    raise CanaryLockedError(
+                        f"another canary or rollback of {self.model} is running ({other}); "
+                        f"waited {wait_s:.0f}s",
+                        fix="wait for it to finish (its Prefect flow run shows the progress), "
+                        "raise canary.lock_wait_s, or cancel that run and then run "
+                        f"`gantry rollback {self.model}`",
+                    )
+                if not announced:
+                    log.info("waiting for the deployment lock of %s, held by %s", self.model, other)
+                    announced = True
+                time.sleep(0.5)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid()}).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        data = json.loads(path.read_text() or "{}")
+        return f"{data.get('holder', '?')}, pid {data.get('pid', '?')}"
+    except (OSError, ValueError):
+        return "unknown holder"

@@ -1,0 +1,300 @@
+"""The canary's pure parts: weights, judgement, router config, runtime API and log parsing,
+the persisted status and the deployment lock."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gantry.adapters.haproxy import (
+    RouterConfig,
+    Slot,
+    parse_access_line,
+    parse_server_weights,
+    parse_show_stat,
+    render_config,
+)
+from gantry.canary import (
+    CanaryStatus,
+    Phase,
+    Quality,
+    SlotWindow,
+    WindowObservations,
+    analysed_steps,
+    failed,
+    judge,
+    next_weight,
+)
+from gantry.deploy.docker import apply_order, check_weights
+from gantry.deploy.state import DeploymentStatus, DeploymentStore, Served, deployment_name
+from gantry.errors import CanaryLockedError, SpecError
+from gantry.spec import CanaryOptions, parse_spec
+from tasks.canary import probes_wanted
+
+pytestmark = pytest.mark.unit
+
+OPTS = CanaryOptions(min_requests=10, max_error_rate=0.1, max_latency_ratio=1.5)
+
+
+def _win(n: int, fail: int = 0, ms: float = 10.0) -> SlotWindow:
+    return SlotWindow(requests=n, failures=fail, latencies_ms=tuple([ms] * (n - fail)))
+
+
+# --- steps and weights -----------------------------------------------------------------------
+
+
+def test_steps_default_and_next_weight() -> None:
+    steps = CanaryOptions().steps
+    assert steps == (10, 50, 100)
+    assert analysed_steps(steps) == (10, 50)
+    assert [next_weight(steps, i) for i in range(3)] == [50, 100, None]
+
+
+@pytest.mark.parametrize(
+    ("steps", "needle"),
+    [
+        ([10, 150, 100], "1-100"),
+        ([0, 50, 100], "1-100"),
+        ([-5, 100], "1-100"),
+        ([50, 10, 100], "increase"),
+        ([10, 10, 100], "increase"),
+        ([10, 50], "last step must be 100"),
+        ([], "at least 1"),
+    ],
+)
+def test_bad_steps_are_refused_with_the_field_named(steps: list[int], needle: str) -> None:
+    spec = {"name": "m", "source": {"repo_id": "o/r"}, "canary": {"steps": steps}}
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec, origin="in test")
+    assert "canary.steps" in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_weights_must_leave_someone_serving() -> None:
+    check_weights({Slot.A: 100, Slot.B: 0})
+    with pytest.raises(ValueError, match="at least one slot"):
+        check_weights({Slot.A: 0, Slot.B: 0})
+    with pytest.raises(ValueError, match="0-100"):
+        check_weights({Slot.A: 101})
+
+
+def test_weights_rise_before_they_fall() -> None:
+    # Shifting 90/10 -> 50/50 raises b first, so no moment has both at their lowest.
+    assert apply_order({Slot.A: 90, Slot.B: 10}, {Slot.A: 50, Slot.B: 50}) == [Slot.B, Slot.A]
+    # A rollback (candidate b to 0) raises the champion first.
+    assert apply_order({Slot.A: 50, Slot.B: 50}, {Slot.A: 100, Slot.B: 0}) == [Slot.A, Slot.B]
+
+
+def test_probes_make_up_for_thin_traffic_only() -> None:
+    assert probes_wanted(20, 0.0, 10.0, 0) == 0
+    assert probes_wanted(20, 3.0, 10.0, 0) == 10  # half of 60 % of the window
+    assert probes_wanted(20, 3.0, 10.0, 25) == 0  # live traffic already enough
+    assert probes_wanted(20, 9.0, 10.0, 5) == 15
+
+
+# --- judgement -------------------------------------------------------------------------------
+
+
+def test_a_good_window_passes_only_at_its_end() -> None:
+    obs = WindowObservations(candidate=_win(20), champion=_win(100))
+    assert all(c.passed is None for c in judge(obs, OPTS, final=False) if c.name != "health")
+    assert not failed(judge(obs, OPTS, final=True))
+
+
+def test_errors_beyond_what_the_rate_allows_fail_at_once() -> None:
+    # 2 failures > 10 % of min_requests (10): more requests cannot save the window.
+    obs = WindowObservations(candidate=_win(5, fail=2), champion=_win(50))
+    assert "success-rate" in failed(judge(obs, OPTS, final=False))
+    one = WindowObservations(candidate=_win(5, fail=1), champion=_win(50))
+    assert not failed(judge(one, OPTS, final=False))
+
+
+def test_too_few_requests_fail_at_the_end_rather_than_pass_on_no_data() -> None:
+    obs = WindowObservations(candidate=_win(3), champion=_win(50))
+    checks = {c.name: c for c in judge(obs, OPTS, final=True)}
+    assert checks["success-rate"].passed is False
+    assert "min_requests" in checks["success-rate"].detail
+
+
+def test_latency_is_relative_to_the_champion_plus_slack() -> None:
+    opts = CanaryOptions(min_requests=10, max_latency_ratio=1.5, latency_slack_ms=5)
+    fast = WindowObservations(candidate=_win(100, ms=19.0), champion=_win(100, ms=10.0))
+    assert not failed(judge(fast, opts, final=True))  # 19 <= 10 * 1.5 + 5
+    slow = WindowObservations(candidate=_win(100, ms=21.0), champion=_win(100, ms=10.0))
+    assert set(failed(judge(slow, opts, final=True))) == {"latency-p95", "latency-p99"}
+    # With too few samples the p99 is the maximum: it is reported, not judged.
+    few = {
+        c.name: c
+        for c in judge(
+            WindowObservations(candidate=_win(30, ms=21.0), champion=_win(30)), opts, final=True
+        )
+    }
+    assert few["latency-p95"].passed is False and few["latency-p99"].passed is None
+    assert "not judged" in few["latency-p99"].detail
+
+
+def test_quality_below_the_champion_fails_at_once() -> None:
+    q = Quality(metric="top1", items=20, candidate=0.55, champion=1.0)
+    obs = WindowObservations(candidate=_win(0), champion=_win(0), quality=q)
+    checks = {c.name: c for c in judge(obs, OPTS, final=False)}
+    assert checks["quality"].passed is False
+    assert "0.550 vs champion 1.000" in checks["quality"].detail
+
+
+def test_a_crashed_candidate_fails_at_once() -> None:
+    obs = WindowObservations(candidate=_win(0), champion=_win(5), candidate_down="exited (137)")
+    assert failed(judge(obs, OPTS, final=False)) == ("health",)
+
+
+def test_status_transitions_record_the_decision() -> None:
+    c = CanaryStatus(
+        model="m", release_id="m-1", candidate_version="2", champion_version="1", steps=(10, 100)
+    )
+    c.to(Phase.PROGRESSING)
+    assert c.decided_at is None and not c.phase.final
+    c.to(Phase.ROLLED_BACK, "quality")
+    assert c.phase.final and c.decided_at is not None and c.message == "quality"
+    assert CanaryStatus.model_validate_json(c.model_dump_json()) == c
+
+
+# --- router config, runtime API, access log ------------------------------------------------
+
+
+def test_router_config_routes_by_weight_and_probe_header() -> None:
+    text = render_config(
+        RouterConfig(deployment="gantry-m-1", runtime_port=8080, weights={Slot.A: 90, Slot.B: 10})
+    )
+    assert "server a gantry-m-1-a:8080 weight 90" in text
+    assert "server b gantry-m-1-b:8080 weight 10" in text
+    assert "use-server b if { req.hdr(x-gantry-route) -m str b }" in text
+    assert "stats socket ipv4@0.0.0.0:9999 level admin" in text
+    assert "http-check send meth GET uri /health" in text
+    assert "retry-on conn-failure empty-response" in text
+    assert "option redispatch" in text
+    with pytest.raises(ValueError, match="0-100"):
+        render_config(RouterConfig(deployment="d", runtime_port=1, weights={Slot.A: 300}))
+
+
+SHOW_STAT = (
+    "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,"
+    "wretr,wredis,status,weight,act,bck,hrsp_5xx,addr,\n"
+    "inference,FRONTEND,,,1,2,4096,10,0,0,0,0,0,,,,,OPEN,,,,,,\n"
+    "model,a,0,0,1,2,,8,0,0,,0,,0,0,0,0,UP,90,1,0,0,172.18.0.2:8080,\n"
+    "model,b,0,0,0,1,,2,0,0,,0,,3,1,2,1,DOWN,10,1,0,4,172.18.0.3:8080,\n"
+    "model,BACKEND,0,0,1,2,410,10,0,0,0,0,,3,1,2,1,UP,100,2,0,4,,\n"
+)
+
+
+def test_show_stat_is_parsed_by_column_name() -> None:
+    stats = parse_show_stat(SHOW_STAT)
+    assert set(stats) == {"a", "b"}
+    a, b = stats["a"], stats["b"]
+    assert a.up and a.weight == 90 and a.current_sessions == 1 and a.total_sessions == 8
+    assert not b.up and b.connection_errors == 3 and b.retries == 2 and b.http_5xx == 4
+    assert b.address == "172.18.0.3:8080"
+
+
+def test_access_lines_are_parsed_and_others_ignored() -> None:
+    line = (
+        "2026-11-22T10:30:33.956040238Z gantry-access server=b status=200 ta=12 tr=11 "
+        "retries=+1 term=----"
+    )
+    rec = parse_access_line(line)
+    assert rec is not None
+    assert rec.server == "b" and rec.status == 200 and rec.total_ms == 12
+    assert rec.retries == 1 and rec.redispatched and not rec.failed
+    assert rec.at == datetime(2026, 11, 22, 10, 30, 33, 956040, tzinfo=UTC)
+    failed_rec = parse_access_line(
+        "2026-11-22T10:30:34Z gantry-access server=<NOSRV> status=503 ta=0 tr=-1 retries=0 "
+        "term=SC--"
+    )
+    assert failed_rec is not None and failed_rec.failed
+    assert parse_access_line("2026-11-22T10:30:34Z [WARNING] (1) : Server model/b is DOWN") is None
+
+
+# --- status and lock -------------------------------------------------------------------------
+
+
+def test_deployment_names_are_docker_safe_and_per_state_dir() -> None:
+    a = deployment_name("MiniLM_v2/x", "/state/one")
+    assert a.startswith("gantry-minilm-v2-x-") and a == a.lower()
+    assert a != deployment_name("MiniLM_v2/x", "/state/two")
+    assert deployment_name("minilm", "/s") != deployment_name("MiniLM", "/s")
+
+
+def test_status_round_trips_atomically(tmp_path: Path) -> None:
+    store = DeploymentStore(tmp_path, "minilm")
+    assert not store.exists() and store.load().champion is None
+    st = store.load()
+    st.champion = Served(
+        version="1", release_id="r1", record="/r1.json", image="x@sha256:0", slot=Slot.A
+    )
+    st.canary = CanaryStatus(
+        model="minilm",
+        release_id="r2",
+        candidate_version="2",
+        champion_version="1",
+        steps=(10, 100),
+    )
+    store.save(st)
+    back = store.load()
+    assert back.champion == st.champion and back.canary == st.canary
+    assert not list(store.dir.glob(".*.tmp"))
+    assert isinstance(back, DeploymentStatus) and back.free_slot() is Slot.B
+
+
+def _hold(path: str, seconds: float) -> None:
+    with DeploymentStore(Path(path), "m").lock(0, "holder-release"):
+        time.sleep(seconds)
+
+
+def test_a_second_canary_of_a_model_waits_then_fails_naming_the_holder(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_hold, args=(str(tmp_path), 5.0))
+    proc.start()
+    store = DeploymentStore(tmp_path, "m")
+    try:
+        deadline = time.monotonic() + 20
+        while not (store.dir / "lock").exists() or "holder" not in (store.dir / "lock").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(CanaryLockedError) as info, store.lock(0.5, "second"):
+            pass
+        assert time.monotonic() - t0 >= 0.5
+        assert "holder-release" in str(info.value) and "gantry rollback m" in str(info.value)
+    finally:
+        proc.join(30)
+    # The holder is gone (its lock went with it): the next one gets it at once.
+    with store.lock(0, "third"):
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_hold, args=(str(tmp_path), 60.0))
+    proc.start()
+    store = DeploymentStore(tmp_path, "m")
+    deadline = time.monotonic() + 20
+    while not (store.dir / "lock").exists() or "holder" not in (store.dir / "lock").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.join(10)
+    with store.lock(2, "after-kill"):
+        pass
+
+
+SERVERS_STATE = """1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port
+3 model 1 a - 0 32 30 100 0 1 0 0 14 0 0 0 gantry-x-a 8080 - 0 0 - - 0
+3 model 2 b 172.18.0.4 2 0 70 0 3 15 3 2 6 0 0 0 gantry-x-b 8080 - 0 0 - - 0
+"""  # noqa: E501 - HAProxy's own output
+
+
+def test_set_weights_are_read_back_from_servers_state() -> None:
+    assert parse_server_weights(SERVERS_STATE) == {"a": 30, "b": 70}
