@@ -1,0 +1,101 @@
+"""`gantry serve`: work pool, deployment and a worker against a real Prefect server; the
+worker is a managed process that `gantry env down` stops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from gantry.localenv.services import _pid_alive, worker_name, worker_service
+from gantry.settings import Settings
+from tests.support import REPO_ROOT, PrefectServer, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _gantry(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gantry.cli", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _pool_state(server: PrefectServer) -> tuple[list[str], Any, dict[str, Any]]:
+    from prefect.client.orchestration import PrefectClient
+
+    from gantry.adapters.prefect_api import online_workers
+
+    async def read() -> tuple[list[str], Any, dict[str, Any]]:
+        async with PrefectClient(api=server.api_url) as client:
+            return (
+                await online_workers(client, "gantry-process"),
+                await client.read_work_pool("gantry-process"),
+                {
+                    name: await client.read_deployment_by_name(f"{name}/{name}")
+                    for name in ("release", "rollback")
+                },
+            )
+
+    return anyio.run(read)
+
+
+def test_serve_starts_a_worker_and_env_down_stops_it(
+    prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        **prefect_server.env(),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "GANTRY_STATE_DIR": str(tmp_path / "state"),
+        "GANTRY_WORKER_PORT": str(free_port()),
+    }
+    worker = worker_service(Settings.from_env(env))
+    try:
+        served = _gantry(env, "serve", timeout=240)
+        assert served.returncode == 0, served.stderr[-3000:]
+        assert served.stdout.splitlines()[-1] == prefect_server.ui_url
+        assert "deployment release/release" in served.stdout
+        assert "deployment rollback/rollback" in served.stdout
+
+        pid = worker.pid()
+        assert pid is not None and worker.healthy()
+        assert (tmp_path / "state" / "services" / "worker.log").is_file()
+        online, pool, deployments = _pool_state(prefect_server)
+        assert worker_name() in online
+        assert pool.type == "process"
+        for deployment in deployments.values():
+            assert deployment.work_pool_name == "gantry-process"
+            assert deployment.enforce_parameter_schema
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+            ]
+        assert deployments["release"].parameters["spec"]["name"] == "minilm"
+        rollback_schema = deployments["rollback"].parameter_openapi_schema
+        assert rollback_schema["required"] == ["model"]
+        assert deployments["rollback"].schedules == []
+
+        # A second `gantry serve` finds everything up and changes nothing.
+        again = _gantry(env, "serve", "--deployment", "release", timeout=240)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert worker.pid() == pid
+
+        down = _gantry(env, "env", "down", timeout=120)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert not _pid_alive(pid)
+        assert worker.pid() is None
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{worker.url}/health", timeout=2)
+    finally:
+        worker.stop()
