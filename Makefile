@@ -43,6 +43,14 @@ env: venv system-deps ## start the embedded services and prepare base images
 demo: env ## release the demo model on the embedded defaults
 	HF_ENDPOINT="$$($(GANTRY) env url hub)" $(GANTRY) release $(DEMO_SPEC)
 
+.PHONY: serve
+serve: env ## Prefect server + work pool + prefect.yaml's deployments + a worker; prints the UI URL
+	HF_ENDPOINT="$${HF_ENDPOINT:-$$($(GANTRY) env url hub)}" $(GANTRY) serve
+
+.PHONY: demo-canary
+demo-canary: env ## after `make demo`: a good candidate promoted, the degraded one rolled back
+	bash scripts/demo-canary.sh
+
 .PHONY: lint
 lint: venv ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .
@@ -53,9 +61,14 @@ lint: venv ## ruff (lint + format check) and mypy
 test: venv system-deps lint ## lint, then every test tier against the real engines
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+.PHONY: reliability-table
+reliability-table: venv ## README's Reliability table, from the last run of tests/reliability
+	$(VENV)/bin/python scripts/reliability_table.py
+
 .PHONY: bench
 bench: venv system-deps ## benchmarks; ratios printed and written to bench/results/
 	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/canary.py
 
 .PHONY: down
 down: venv ## stop the embedded services (state is kept)

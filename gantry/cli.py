@@ -2,8 +2,12 @@
 
     gantry release SPEC.yaml     run a release; the last line printed is the record's path
     gantry verify RECORD         re-verify the image and weights signatures of a release
+    gantry rollback MODEL        abort a canary / give traffic back to the previous champion
+    gantry reevaluate [MODEL...] re-score the live champions; exit 1 on a regression
     gantry keys generate         create signing key pairs
     gantry env up|down|status    the embedded services (registry, hub, Prefect server)
+    gantry serve                 Prefect server, work pool, deployments and a worker
+    gantry webhook serve         the CI webhook receiver that starts `release` runs
     gantry spec-schema           the JSON schema of a release spec
 
 Exit codes: 0 success, 1 a stage or the environment failed, 2 invalid input.
@@ -18,8 +22,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from gantry.errors import GantryError, SpecError
+from gantry.errors import ConfigError, GantryError, ServiceError, SpecError
 from gantry.settings import Settings, get_settings
 
 log = logging.getLogger("gantry")
@@ -34,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "httpcore", "urllib3", "docker", "filelock"):
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "docker", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -112,10 +117,11 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         hub_service,
         prefect_service,
         registry_service,
+        worker_service,
     )
 
     services: dict[str, object] = {}
-    for factory in (registry_service, hub_service, prefect_service):
+    for factory in (registry_service, hub_service, prefect_service, worker_service):
         try:
             services[factory.__name__.removesuffix("_service")] = (
                 factory(settings).status().model_dump()
@@ -136,6 +142,7 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         docker_info = {"reachable": False, "error": str(exc)}
     return {
         "state_dir": str(settings.state_dir),
+        "deployments": _deployments(settings),
         "prefect_api_url": os.environ.get("PREFECT_API_URL") or settings.prefect_api_url,
         "prefect_ui_url": (
             os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
@@ -148,6 +155,27 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         "docker": docker_info,
         "services": services,
     }
+
+
+def _deployments(settings: Settings) -> dict[str, object]:
+    """Each deployed model's endpoint, champion and last canary (from its status file)."""
+    from gantry.deploy.state import DeploymentStatus
+
+    out: dict[str, object] = {}
+    for path in sorted(settings.deployments_dir.glob("*/status.json")):
+        try:
+            st = DeploymentStatus.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            out[path.parent.name] = {"error": f"unreadable status {path}: {exc}"}
+            continue
+        out[st.model] = {
+            "endpoint": f"http://127.0.0.1:{st.port}" if st.port else None,
+            "champion": st.champion.version if st.champion else None,
+            "canary": None
+            if st.canary is None
+            else {"version": st.canary.candidate_version, "phase": st.canary.phase.value},
+        }
+    return out
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -181,13 +209,29 @@ def cmd_env(args: argparse.Namespace) -> int:
             _ensure_images(client, settings)
         client.close()
     elif args.action == "down":
-        for factory in (svc.prefect_service, svc.hub_service, svc.registry_service):
+        # The worker first: it would otherwise lose its server mid-run.
+        for factory in (
+            svc.worker_service,
+            svc.prefect_service,
+            svc.hub_service,
+            svc.registry_service,
+        ):
             try:
                 s = factory(settings)
             except GantryError:
                 continue
             s.stop()
             log.info("stopped %s", s.name)
+        try:
+            from gantry.adapters.docker_engine import connect
+            from gantry.deploy.docker import remove_deployments
+
+            client = connect(timeout_s=30)
+            if n := remove_deployments(client, settings.deployments_dir):
+                log.info("stopped %d deployment container(s); releases start them again", n)
+            client.close()
+        except GantryError as exc:
+            log.warning("deployments left running: %s", exc)
     summary = _env_summary(settings)
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))
@@ -201,6 +245,8 @@ def cmd_env(args: argparse.Namespace) -> int:
             "hub_endpoint",
         ):
             print(f"{k:<20} {summary[k]}")
+        for model, dep in dict(summary["deployments"]).items():  # type: ignore[call-overload]
+            print(f"deployment {model:<9} {json.dumps(dep)}")
         for name, st in dict(summary["services"]).items():  # type: ignore[call-overload]
             state = (
                 ("healthy" if st.get("healthy") else "down")
@@ -214,10 +260,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _ensure_images(client: object, settings: Settings) -> None:
+    from gantry.deploy.docker import ROUTER_IMAGE
     from gantry.localenv.baseimages import RECIPES, ensure_base_image
     from tasks.build import base_images, project_root
 
-    refs: list[str] = []
+    refs: list[str] = [ROUTER_IMAGE]  # the canary router
     for df in sorted((project_root() / "dockerfiles").glob("*/Dockerfile")):
         refs += [r for r in base_images(df.read_text()) if r not in refs]
     for ref in refs:
@@ -226,6 +273,51 @@ def _ensure_images(client: object, settings: Settings) -> None:
             log.info("base image %s has no local recipe; a release that needs it pulls it", ref)
             continue
         ensure_base_image(ref, docker_client=client, work_dir=settings.base_images_dir, log=log)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    try:
+        _use_prefect(settings, start=True)
+        from flows.rollback import rollback
+
+        result = rollback(args.model, tracking_uri=args.tracking_uri)
+    except GantryError as exc:
+        print(f"gantry: rollback of {args.model} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(result.model_dump_json(indent=2))
+    return EXIT_OK
+
+
+def cmd_reevaluate(args: argparse.Namespace) -> int:
+    """Run flow `reevaluate`; print its report (JSON). 0 only when no model regressed and
+    every model could be judged."""
+    from gantry.errors import ReevaluationError
+
+    settings = get_settings()
+    try:
+        _use_prefect(settings, start=True)
+        from flows.reevaluate import reevaluate
+
+        report = reevaluate(
+            args.model or None,
+            rollback_on_regression=args.rollback,
+            max_scan_age_hours=args.max_scan_age_hours,
+            tracking_uri=args.tracking_uri,
+            endpoint_attempts=args.endpoint_attempts,
+        )
+    except ReevaluationError as exc:
+        from tasks.reevaluate import ReevaluationReport
+
+        if isinstance(exc.report, ReevaluationReport):
+            print(exc.report.model_dump_json(indent=2))
+        print(f"gantry: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except GantryError as exc:
+        print(f"gantry: re-evaluation failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(report.model_dump_json(indent=2))
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -271,6 +363,105 @@ def cmd_spec_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Prefect server (embedded unless $PREFECT_API_URL), work pool, the deployments of
+    prefect.yaml, and a worker; prints the UI URL last."""
+    import anyio
+
+    from gantry.localenv.services import worker_name, worker_service
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: the worker must run at least one flow run")
+    settings = get_settings()
+    project_dir = Path(os.environ.get("GANTRY_PROJECT_DIR") or Path(__file__).resolve().parents[1])
+    # prefect.yaml's pull step changes into it; flow runs share this CLI's state dir.
+    os.environ["GANTRY_PROJECT_DIR"] = str(project_dir)
+    os.environ["GANTRY_STATE_DIR"] = str(settings.state_dir)
+    _use_prefect(settings, start=True)
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    registered = anyio.run(_register_deployments, project_dir, tuple(args.deployment))
+    pools = sorted({d.work_pool for d in registered})
+    if len(pools) != 1:
+        raise ConfigError(
+            f"the deployments use {len(pools)} work pools ({', '.join(pools)}); "
+            "`gantry serve` runs one local worker",
+            fix="choose deployments of one pool with --deployment",
+        )
+    worker = worker_service(
+        settings, pool=pools[0], limit=args.limit, env={"GANTRY_PROJECT_DIR": str(project_dir)}
+    )
+    worker.start()
+    anyio.run(_wait_worker_online, pools[0], worker_name())
+    ui_url = PREFECT_UI_URL.value() or str(PREFECT_API_URL.value()).removesuffix("/api")
+    for d in registered:
+        print(f"deployment {d.full_name:<24} {ui_url}/deployments/deployment/{d.id}")
+    print(f"worker     {worker_name():<24} polls {pools[0]}; log {worker.logfile}")
+    print(ui_url)
+    return EXIT_OK
+
+
+async def _register_deployments(project_dir: Path, names: tuple[str, ...]) -> list[Any]:
+    from prefect.client.orchestration import get_client
+
+    from gantry.adapters.prefect_api import ensure_work_pool, load_project, register_deployments
+
+    project = load_project(project_dir / "prefect.yaml", os.environ)
+    pools = {d.work_pool.name for d in project.deployments if not names or d.name in names}
+    async with get_client() as client:
+        for pool in sorted(pools):
+            await ensure_work_pool(client, pool)
+        return await register_deployments(client, project_dir, env=os.environ, names=names)
+
+
+async def _wait_worker_online(pool: str, name: str, timeout_s: float = 60) -> None:
+    """Health answers before the worker has reached the server; wait until it has."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    from gantry.adapters.prefect_api import online_workers
+
+    async with get_client() as client:
+        with anyio.move_on_after(timeout_s):
+            while name not in await online_workers(client, pool):
+                await anyio.sleep(0.5)
+            return
+    raise ServiceError(
+        f"worker {name} did not come online in work pool {pool} within {timeout_s:.0f}s",
+        fix="read .gantry/services/worker.log; `gantry env down` then `gantry serve` retries",
+    )
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    """Serve the CI webhook receiver in the foreground."""
+    import uvicorn
+
+    from gantry.webhook.app import create_app, prefect_starter
+    from gantry.webhook.config import load_secret, load_webhook_config
+    from gantry.webhook.store import DeliveryStore
+
+    settings = get_settings()
+    config_file = args.config or os.environ.get("GANTRY_WEBHOOK_CONFIG")
+    config = load_webhook_config(Path(config_file) if config_file else None)
+    _use_prefect(settings, start=False)
+    app = create_app(
+        config,
+        secret=load_secret(config),
+        store=DeliveryStore(settings.webhook_dir / "deliveries.sqlite3"),
+        starter=prefect_starter(config),
+    )
+    log.info(
+        "webhook receiver on http://%s:%d/webhook starts %s (spec root %s, %d GitHub repos)",
+        args.host,
+        args.port,
+        config.deployment,
+        config.spec_root,
+        len(config.github),
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=5)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gantry",
@@ -299,6 +490,37 @@ def build_parser() -> argparse.ArgumentParser:
     url.add_argument("name", choices=["hub", "registry", "prefect", "state"])
     e.set_defaults(func=cmd_env)
 
+    rb = sub.add_parser(
+        "rollback",
+        help="abort a model's canary, or give traffic back to the previous champion",
+    )
+    rb.add_argument("model", help="the MLflow registered model name (a spec's mlflow.model_name)")
+    rb.add_argument("--tracking-uri", help="MLflow tracking URI (default: the champion's spec)")
+    rb.set_defaults(func=cmd_rollback)
+    rv = sub.add_parser(
+        "reevaluate",
+        help="re-score the live champions against their accepted scores; exit 1 on a regression",
+    )
+    rv.add_argument("model", nargs="*", help="MLflow registered model names (default: all)")
+    rv.add_argument(
+        "--rollback", action="store_true", help="roll a regressed model back to its previous one"
+    )
+    rv.add_argument(
+        "--max-scan-age-hours",
+        type=float,
+        default=24,
+        metavar="H",
+        help="re-scan an image whose last scan is older (default 24; 0: always)",
+    )
+    rv.add_argument(
+        "--endpoint-attempts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="tries of the eval set while the endpoint is down (default 3), then no verdict",
+    )
+    rv.add_argument("--tracking-uri", help="MLflow tracking URI (default: the champion's spec)")
+    rv.set_defaults(func=cmd_reevaluate)
     v = sub.add_parser("verify", help="re-verify a release's image and weights signatures")
     v.add_argument("record", help="path of the release record (JSON)")
     v.set_defaults(func=cmd_verify)
@@ -316,6 +538,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("spec-schema", help="print the JSON schema of a release spec")
     s.set_defaults(func=cmd_spec_schema)
+
+    sv = sub.add_parser(
+        "serve", help="Prefect server, work pool, prefect.yaml's deployments and a worker"
+    )
+    sv.add_argument(
+        "--deployment",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="register only this deployment of prefect.yaml (repeatable; default: all)",
+    )
+    sv.add_argument(
+        "--limit", type=int, default=1, help="flow runs the worker runs at once (default 1)"
+    )
+    sv.set_defaults(func=cmd_serve)
+
+    wh = sub.add_parser("webhook", help="the CI webhook receiver")
+    whsub = wh.add_subparsers(dest="action", required=True, metavar="ACTION")
+    whs = whsub.add_parser(
+        "serve",
+        help="receive signed deliveries and start `release` runs",
+        description="Secret: $GANTRY_WEBHOOK_SECRET, or the Prefect Secret block named by "
+        "secret_block in the config. Config: --config or $GANTRY_WEBHOOK_CONFIG (YAML; see "
+        "gantry/webhook/config.py). Deliveries are recorded in <state dir>/webhook.",
+    )
+    whs.add_argument("--config", help="webhook config YAML (default: $GANTRY_WEBHOOK_CONFIG)")
+    whs.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    whs.add_argument("--port", type=int, default=4280, help="port to listen on (default 4280)")
+    wh.set_defaults(func=cmd_webhook)
     return p
 
 

@@ -109,11 +109,20 @@ class ServiceError(PermanentError):
 
 
 class HubError(GantryError):
-    """Base of errors from the model hub."""
+    """Base of errors from the model hub; never raised itself (each cause has a class)."""
 
 
 class HubUnavailableError(HubError, TransientError):
     """The hub endpoint did not answer, or answered 5xx."""
+
+
+class DownloadIncompleteError(HubError, TransientError):
+    """A download ended short of the size the hub announced: a cut transfer, retried."""
+
+
+class HubResponseError(HubError, PermanentError):
+    """The hub answered, but with something Gantry cannot use (an unexpected 4xx, no
+    commit id, no file matching the selection, a file it listed but did not deliver)."""
 
 
 class RepoNotFoundError(HubError, PermanentError):
@@ -297,7 +306,8 @@ class ImageReferenceError(PermanentError):
 
 
 class CosignError(GantryError):
-    """`cosign` exited non-zero; see :class:`CosignFailedError` and :class:`CosignNetworkError`."""
+    """`cosign` exited non-zero; never raised itself: :class:`CosignFailedError` (permanent)
+    or :class:`CosignNetworkError` (transient)."""
 
     def __init__(
         self, argv: Sequence[str], returncode: int, stderr_tail: str, *, fix: str | None = None
@@ -422,3 +432,127 @@ class EndpointUnavailableError(TransientError):
 
 class EndpointResponseError(PermanentError):
     """The served endpoint refused a request (4xx) or answered outside the protocol."""
+
+
+# --- triggers (deployments, worker, CI webhook) -------------------------------------------
+# Raised by gantry.adapters.prefect_api and gantry.webhook.
+
+
+class DeploymentConfigError(PermanentError):
+    """prefect.yaml (or a flow it names) cannot be registered as a deployment."""
+
+
+class WebhookError(PermanentError):
+    """A webhook delivery was refused; ``status`` is the HTTP status it is answered with."""
+
+    status: int = 400
+
+
+class WebhookSignatureError(WebhookError):
+    """The delivery carries no signature, or one that does not match the body."""
+
+    status = 401
+    fix = (
+        "sign the raw body with HMAC-SHA256 and the shared secret and send it as "
+        "`X-Hub-Signature-256: sha256=<hex>` (or `X-Gantry-Signature`)"
+    )
+
+
+class WebhookBodyTooLargeError(WebhookError):
+    """The body is larger than the receiver accepts."""
+
+    status = 413
+
+
+class WebhookContentTypeError(WebhookError):
+    """The body is not declared as JSON."""
+
+    status = 415
+    fix = "send `Content-Type: application/json` (GitHub: webhook content type application/json)"
+
+
+class WebhookParameterError(WebhookError):
+    """The payload is valid JSON but does not map to a valid release spec.
+
+    ``errors`` holds ``(loc, message)`` pairs; ``loc`` is the dotted field path.
+    """
+
+    status = 422
+
+    def __init__(
+        self, message: str, *, errors: Sequence[tuple[str, str]], fix: str | None = None
+    ) -> None:
+        self.errors = tuple(errors)
+        super().__init__(message, fix=fix)
+
+
+class WebhookConflictError(WebhookError):
+    """A delivery id was seen before with a different body."""
+
+    status = 409
+
+
+class TriggerUnavailableError(TransientError):
+    """Prefect did not answer in time, or the deployment a trigger starts does not exist."""
+
+
+# --- stage canary and rollback -------------------------------------------------------------
+
+
+class RouterError(PermanentError):
+    """The router refused a command or answered something Gantry does not understand."""
+
+
+class RouterUnavailableError(TransientError):
+    """The router (its container or its runtime API) does not answer."""
+
+
+class DeploymentNotFoundError(PermanentError):
+    """There is no deployment of the model on this target (nothing to roll back)."""
+
+
+class ChampionUnavailableError(PermanentError):
+    """The live champion is not serving (its container died or was removed), so a canary
+    has nothing to be compared against."""
+
+    fix = "run `gantry rollback MODEL` (it restarts the champion at 100 %), then release again"
+
+
+class CanaryLockedError(PermanentError):
+    """Another canary of the same model holds the deployment's lock."""
+
+
+class CanaryFailedError(PermanentError):
+    """The candidate failed an analysis check: it was rolled back, the champion serves all
+    traffic, and the MLflow `champion` alias did not move."""
+
+    def __init__(self, message: str, *, failed_checks: Sequence[str], fix: str | None = None):
+        self.failed_checks = tuple(failed_checks)
+        super().__init__(message, fix=fix)
+
+
+class ApprovalRejectedError(PermanentError):
+    """Promotion to 100 % needed a manual approval that was refused or never came."""
+
+
+# --- re-evaluation of live champions -------------------------------------------------------
+# Raised by tasks.reevaluate and flows.reevaluate.
+
+
+class ChampionImageMissingError(PermanentError):
+    """The champion's image is gone from the registry (by digest): it can neither be
+    verified nor started again if its container dies."""
+
+    fix = (
+        "push it again by re-running the champion's release (`gantry release SPEC`), or "
+        "restore the registry's storage; until then `gantry rollback MODEL` cannot restart it"
+    )
+
+
+class ReevaluationError(PermanentError):
+    """A re-evaluation found a regression, or could not judge a model; ``report`` holds
+    every model's outcome (the flow checks all models before it fails)."""
+
+    def __init__(self, message: str, *, report: object, fix: str | None = None) -> None:
+        self.report = report
+        super().__init__(message, fix=fix)

@@ -12,11 +12,12 @@ Prefect-free so it can be unit-tested and reused. Two kinds of eval set (JSONL):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -251,6 +252,8 @@ class RunnerConfig:
     backoff_s: float = 0.5
     #: Only for tests: an in-process transport (e.g. httpx.MockTransport) instead of TCP.
     transport: httpx.AsyncBaseTransport | None = None
+    #: Sent with every request (the canary routes its probes to one server by header).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -309,6 +312,18 @@ async def _with_retries(
     )
 
 
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion, also from a thread that already runs an event loop
+    (as a Prefect task may)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # asyncio.run refuses to nest; a fresh thread has no loop of its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 async def _gather_bounded(n: int, jobs: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
     """Run ``jobs`` with at most ``n`` in flight; the first failure cancels the rest."""
     sem = asyncio.Semaphore(n)
@@ -335,6 +350,7 @@ def _client(cfg: RunnerConfig, base_url: str) -> httpx.AsyncClient:
         trust_env=False,
         limits=httpx.Limits(max_connections=cfg.concurrency),
         transport=cfg.transport,
+        headers=dict(cfg.headers),
     )
 
 

@@ -37,6 +37,10 @@ class Settings(BaseModel):
     registry_is_local: bool = Field(description="Whether Gantry runs the registry itself.")
     hub_addr: str = Field(description="HOST:PORT of the embedded Hub endpoint (GANTRY_HUB_ADDR).")
     prefect_port: int = Field(description="Port of the embedded Prefect server.")
+    worker_port: int = Field(
+        default=4277,
+        description="Port of the local Prefect worker's health endpoint (GANTRY_WORKER_PORT).",
+    )
     cache_dir: Path = Field(
         description="Downloads verified by content (wheels, base-image root filesystems, demo "
         "model wheels) (GANTRY_CACHE_DIR, default <state dir>/cache). Safe to share."
@@ -64,6 +68,7 @@ class Settings(BaseModel):
             registry_is_local=not registry,
             hub_addr=_hostport(e.get("GANTRY_HUB_ADDR", "127.0.0.1:5076"), "GANTRY_HUB_ADDR"),
             prefect_port=int(e.get("GANTRY_PREFECT_PORT", "4275")),
+            worker_port=int(e.get("GANTRY_WORKER_PORT", "4277")),
         )
 
     # Sub-directories; created on first use by the code that writes them.
@@ -102,6 +107,14 @@ class Settings(BaseModel):
     @cached_property
     def build_dir(self) -> Path:
         return self.state_dir / "build"
+
+    @cached_property
+    def deployments_dir(self) -> Path:
+        return self.state_dir / "deployments"
+
+    @cached_property
+    def webhook_dir(self) -> Path:
+        return self.state_dir / "webhook"
 
     @property
     def hub_url(self) -> str:

@@ -8,6 +8,7 @@ title-worthy description and constraints.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -359,6 +360,14 @@ class SmokeOptions(_Frozen):
         title="Health deadline (s)",
         description="Fail if the container is not healthy this long after it starts.",
     )
+    start_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=5,
+        title="Container starts",
+        description="How often a container that exits before it is healthy is started; "
+        "an exit on the first start may be a start race, the same exit every time is a crash.",
+    )
     chat_prompt: str = Field(
         default="What is 2 + 2? Answer with the number only.",
         title="Chat probe prompt",
@@ -402,6 +411,21 @@ class EvalOptions(_Frozen):
     timeout_s: float = Field(
         default=30, gt=0, le=600, title="Request timeout (s)", description="Per request."
     )
+    request_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=10,
+        title="Tries per request",
+        description="Tries of one eval request that failed to connect, timed out or was "
+        "answered 429/5xx, before the endpoint counts as unavailable (no verdict).",
+    )
+    request_backoff_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=60,
+        title="Request retry delay (s)",
+        description="Delay before the second try of an eval request; doubles on each try.",
+    )
 
 
 class RegisterOptions(_Frozen):
@@ -425,6 +449,155 @@ class RegisterOptions(_Frozen):
     timeout_s: float = Field(
         default=60, gt=0, le=600, title="Timeout (s)", description="Per MLflow call."
     )
+
+
+class DeployTarget(StrEnum):
+    """Where the model serves live traffic."""
+
+    DOCKER = "docker"
+
+
+class CanaryOptions(_Frozen):
+    """How the candidate goes live: beside the champion, traffic shifted in steps, each
+    step judged by an analysis window; any failed check rolls it back at once."""
+
+    target: DeployTarget = Field(
+        default=DeployTarget.DOCKER,
+        title="Deploy target",
+        description="`docker`: a weighted HAProxy router and the model containers on the "
+        "local Docker engine.",
+    )
+    port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        title="Endpoint port",
+        description="Port of the model's endpoint on 127.0.0.1. Empty: a free port is chosen "
+        "when the model is first deployed, and kept.",
+    )
+    steps: tuple[int, ...] = Field(
+        default=(10, 50, 100),
+        min_length=1,
+        max_length=20,
+        title="Traffic steps (%)",
+        description="The candidate's share of traffic at each step, increasing, ending at "
+        "100 (promotion). Every step below 100 gets one analysis window.",
+    )
+    window_s: float = Field(
+        default=30,
+        ge=1,
+        le=86_400,
+        title="Analysis window (s)",
+        description="How long each step is observed before it passes.",
+    )
+    interval_s: float = Field(
+        default=1,
+        ge=0.1,
+        le=60,
+        title="Check interval (s)",
+        description="How often the checks run inside a window; a failing check rolls back "
+        "at once, without waiting for the window to end.",
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        le=1_000_000,
+        title="Requests to judge",
+        description="Requests the candidate must answer in a window to be judged; when live "
+        "traffic brings fewer, synthetic probe requests make up the difference.",
+    )
+    probe_rps: float = Field(
+        default=5,
+        gt=0,
+        le=1000,
+        title="Probe rate (req/s)",
+        description="Rate of synthetic probe requests (to candidate and champion alike).",
+    )
+    max_error_rate: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        title="Max error rate",
+        description="Share of the candidate's requests that may fail (5xx or no answer).",
+    )
+    max_latency_ratio: float = Field(
+        default=1.5,
+        ge=1,
+        le=100,
+        title="Max latency ratio",
+        description="The candidate's p95 and p99 latency may be at most this multiple of "
+        "the champion's in the same window (plus the slack below).",
+    )
+    latency_slack_ms: float = Field(
+        default=50,
+        ge=0,
+        le=600_000,
+        title="Latency slack (ms)",
+        description="Absolute allowance added to the latency limit, so that millisecond "
+        "jitter on a fast model is not a regression.",
+    )
+    quality_probes: int = Field(
+        default=20,
+        ge=0,
+        le=10_000,
+        title="Quality probes",
+        description="Eval-set items sent to candidate and champion at every step and "
+        "scored with the evaluate metric (0: no quality probes).",
+    )
+    quality_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        title="Quality tolerance",
+        description="How far below the champion's probe score the candidate's may be.",
+    )
+    manual_approval: bool = Field(
+        default=False,
+        title="Manual approval",
+        description="Pause before 100 % until a person approves in the Prefect UI.",
+    )
+    approval_timeout_s: int = Field(
+        default=3600,
+        ge=10,
+        le=7 * 86_400,
+        title="Approval timeout (s)",
+        description="No answer within this time rolls the candidate back.",
+    )
+    keep_warm_s: float = Field(
+        default=60,
+        ge=0,
+        le=7 * 86_400,
+        title="Keep previous warm (s)",
+        description="After promotion the previous champion keeps running (without "
+        "traffic) this long, so `gantry rollback` is instant; then it is removed.",
+    )
+    drain_s: float = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        title="Drain deadline (s)",
+        description="How long requests in flight may take to finish on a server leaving "
+        "the rotation before its container is stopped.",
+    )
+    lock_wait_s: float = Field(
+        default=600,
+        ge=0,
+        le=86_400,
+        title="Wait for a running canary (s)",
+        description="A release of a model whose canary is already running waits this long "
+        "for it, then fails; two traffic shifts of one model never run at once.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 0 < w <= 100 for w in v):
+            raise ValueError(f"every step must be a share of traffic in 1-100 %, got {list(v)}")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"steps must increase strictly, got {list(v)}")
+        if v[-1] != 100:
+            raise ValueError(f"the last step must be 100 (promotion), got {list(v)}")
+        return v
 
 
 class RetryPolicy(_Frozen):
@@ -451,14 +624,21 @@ class RetryPolicy(_Frozen):
         title="Jitter",
         description="Random factor applied to each delay (0 = none).",
     )
+    max_delay_s: float = Field(
+        default=300,
+        gt=0,
+        le=3600,
+        title="Longest retry delay (s)",
+        description="Upper bound of any one delay, however many retries came before.",
+    )
 
     def delays(self) -> list[float]:
-        """Exponential backoff delays, one per retry."""
-        return [self.delay_s * 2**i for i in range(self.attempts)]
+        """Exponential backoff delays, one per retry, each at most ``max_delay_s``."""
+        return [min(self.delay_s * 2**i, self.max_delay_s) for i in range(self.attempts)]
 
 
 class ReleaseSpec(_Frozen):
-    """One release of one model: from a Hub revision to an image in the registry."""
+    """One release of one model: from a Hub revision to live traffic."""
 
     name: str = Field(
         title="Model name",
@@ -489,6 +669,11 @@ class ReleaseSpec(_Frozen):
         default_factory=RegisterOptions,
         title="MLflow",
         description="Where stage `register` records the candidate.",
+    )
+    canary: CanaryOptions = Field(
+        default_factory=CanaryOptions,
+        title="Canary",
+        description="How the candidate goes live beside the champion.",
     )
     retries: RetryPolicy = Field(
         default_factory=RetryPolicy, title="Retries", description="Retry policy."
@@ -541,10 +726,50 @@ def parse_spec(data: Any, *, origin: str = "") -> ReleaseSpec:
         raise SpecError(_format_validation_error(exc, origin)) from None
 
 
+#: A release spec is a few dozen lines. These bounds refuse input that is not one before
+#: it can exhaust memory (a huge file) or the stack (deep nesting).
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_DEPTH = 32
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, without aliases and with bounded nesting.
+
+    An alias (``*name``) repeats a node without repeating its text, so a file of a few
+    lines can expand into gigabytes; nesting deeper than Python's stack makes the composer
+    raise RecursionError, a traceback instead of an answer.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in a release spec; write the value out",
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_SPEC_DEPTH} levels; a release spec is not",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_spec(path: Path) -> ReleaseSpec:
     """Read and validate a YAML spec file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise SpecError(
             f"spec file {path} does not exist",
@@ -552,8 +777,14 @@ def load_spec(path: Path) -> ReleaseSpec:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"spec file {path} is larger than {MAX_SPEC_BYTES >> 20} MiB; a release spec is a "
+            "few KiB",
+            fix="pass the release spec (YAML), not another file",
+        )
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
     return parse_spec(data, origin=f"in {path}")

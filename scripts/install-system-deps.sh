@@ -4,6 +4,8 @@
 #   debootstrap      builds the local stand-ins for the base images (gantry.localenv.baseimages)
 #   docker-registry  the distribution registry v2 binary Gantry runs as its embedded registry
 #   wrk              the load generator of the benchmarks
+#   chromium         the browser test of the Prefect UI's run form (tests/e2e/test_ui_release.py)
+#   chromium-driver  chromedriver for that test (Selenium drives Debian's chromium through it)
 #
 # Idempotent: when everything is installed it changes nothing and touches no network.
 # Runs as root, or through sudo when that is available.
@@ -14,7 +16,7 @@
 # harmless; `systemctl disable --now docker-registry` stops it if the port is wanted.
 set -euo pipefail
 
-PACKAGES=(debootstrap docker-registry wrk)
+PACKAGES=(debootstrap docker-registry wrk chromium chromium-driver)
 
 say() { printf 'install-system-deps: %s\n' "$*"; }
 

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from gantry.adapters.registry import RegistryClient
 from gantry.errors import BaseImageError, BuildError, ConfigError, WeightsInContextError
 from gantry.manifest import WeightsManifest, sha256_file
 from gantry.results import BuildResult, WeightsResult
+from gantry.scratch import scratch_dir
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec
 from gantry.wheelhouse import Wheelhouse
@@ -265,9 +265,8 @@ def build_image(
         else []
     )
 
-    settings.build_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ctx-", dir=settings.build_dir))
-    try:
+    # A scratch dir, so a run killed mid-build leaves no context behind for good.
+    with scratch_dir(settings.build_dir, "ctx-") as work:
         ctx = work / "context"
         assemble_context(rt, wheels, ctx)
         check_no_weights(ctx, manifest)
@@ -309,8 +308,6 @@ def build_image(
         if not cached:
             log.info("pushing %s:%s", repository, tag)
             digest = docker_engine.push(client, repository, tag, timeout_s=spec.build.timeout_s)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
     result = BuildResult(
         image=f"{repository}@{digest}",

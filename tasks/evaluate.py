@@ -11,12 +11,10 @@ EndpointUnavailableError (transient) instead of a false verdict. With no
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,17 +119,6 @@ def _check_metric(spec: ReleaseSpec) -> None:
         )
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion, also from a thread that already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # asyncio.run refuses to nest; a fresh thread has no loop of its own.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -165,13 +152,14 @@ def evaluate(
     settings: Settings,
     *,
     champion_metrics: ChampionMetrics | None = None,
-    attempts: int = 4,
-    backoff_s: float = 0.5,
+    attempts: int | None = None,
+    backoff_s: float | None = None,
 ) -> EvalResult:
     """Evaluate the endpoint at ``base_url`` (e.g. ``http://127.0.0.1:8080``) and gate it.
 
     Raises QualityGateError when the gate fails, EndpointUnavailableError when the endpoint
-    does not answer after ``attempts`` tries, EvalSetError for a bad eval set.
+    does not answer after ``attempts`` tries (default: ``evaluate.request_attempts``, the
+    backoff doubling from ``evaluate.request_backoff_s``), EvalSetError for a bad eval set.
     """
     result = measure(
         spec,
@@ -207,11 +195,17 @@ def measure(
     settings: Settings,
     *,
     champion_metrics: ChampionMetrics | None = None,
-    attempts: int = 4,
-    backoff_s: float = 0.5,
+    attempts: int | None = None,
+    backoff_s: float | None = None,
+    headers: Mapping[str, str] | None = None,
+    results_path: Path | None = None,
 ) -> EvalResult:
     """Run the eval set against ``base_url`` and decide the gate, without raising on a
-    failed gate (``passed`` says); see :func:`evaluate`."""
+    failed gate (``passed`` says); see :func:`evaluate`.
+
+    ``headers`` go with every request (the re-evaluation routes them to the champion's
+    router slot); ``results_path`` is where the per-item rows go (default: the release's
+    ``evaluate/results.jsonl``)."""
     opts = spec.evaluate
     if opts.dataset is None:
         warning = "evaluate.dataset is not set: the quality gate was skipped"
@@ -230,8 +224,9 @@ def measure(
         model=spec.runtime.served_model_name or spec.name,
         concurrency=opts.concurrency,
         timeout_s=opts.timeout_s,
-        attempts=attempts,
-        backoff_s=backoff_s,
+        attempts=opts.request_attempts if attempts is None else attempts,
+        backoff_s=opts.request_backoff_s if backoff_s is None else backoff_s,
+        headers=dict(headers or {}),
     )
     chat = spec.runtime.protocol is Protocol.OPENAI_CHAT
     n: int
@@ -240,15 +235,15 @@ def measure(
         n = len(chat_items)
         # _check_metric made sure the gate metric is a match mode.
         default = _MATCH_MODES[opts.metric]
-        outcome = _run(ev.run_chat(base_url, chat_items, cfg, default))
+        outcome = ev.run_sync(ev.run_chat(base_url, chat_items, cfg, default))
         score = outcome.scores["accuracy"]
     else:
         items = ev.load_retrieval_set(path)
         n = len(items)
-        outcome = _run(ev.run_embeddings(base_url, items, cfg))
+        outcome = ev.run_sync(ev.run_embeddings(base_url, items, cfg))
         score = outcome.scores[opts.metric]
 
-    results = settings.releases_dir / spec.release_id / "evaluate" / "results.jsonl"
+    results = results_path or settings.releases_dir / spec.release_id / "evaluate" / "results.jsonl"
     _write_rows(results, outcome.rows)
     champion = _champion_score(spec, champion_metrics)
     verdict = ev.gate(score, opts, champion)

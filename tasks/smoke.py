@@ -84,7 +84,7 @@ class SmokeResult(BaseModel):
     )
     recommended_start_period_s: int = Field(description=">= 2x the cold start, rounded up.")
     probe: ProbeResult
-    attempts: int = Field(description="Container starts (2 after a start race).")
+    attempts: int = Field(description="Container starts (over 1 after an early exit).")
     verify_seconds: float
     logs_path: str = Field(description="The container's log, saved before it was removed.")
     smoke_seconds: float
@@ -373,8 +373,14 @@ def smoke_test(
     logs_path.unlink(missing_ok=True)  # an earlier run's log must not pass for this one's
     probe = PROBES[spec.runtime.protocol](spec.runtime.served_model_name or spec.name)
 
-    for attempt in (1, 2):
-        running = start_runtime(client, spec, build, weights, gpus, STAGE)
+    for attempt in range(1, opts.start_attempts + 1):
+        try:
+            running = start_runtime(client, spec, build, weights, gpus, STAGE)
+        except ContainerStartError as exc:
+            # It may exit before its port is even published: the same early exit.
+            if _may_restart(exc, attempt, opts.start_attempts):
+                continue
+            raise
         with running:
             try:
                 log.info("container %s started (attempt %d)", running.id[:12], attempt)
@@ -383,9 +389,7 @@ def smoke_test(
                         running, spec.runtime.health_path, opts.deadline_s
                     )
                 except ContainerStartError as exc:
-                    # An exit on the very first start may be a start race: one more try.
-                    if attempt == 1 and exc.exit_code is not None:
-                        log.warning("container exited on its first start; retrying once: %s", exc)
+                    if _may_restart(exc, attempt, opts.start_attempts):
                         continue
                     raise
                 used, provider = reported_accelerator(health)
@@ -411,7 +415,22 @@ def smoke_test(
             logs_path=str(logs_path),
             smoke_seconds=round(time.monotonic() - t0, 3),
         )
-    raise AssertionError("unreachable: the second attempt returns or raises")
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _may_restart(exc: ContainerStartError, attempt: int, attempts: int) -> bool:
+    """Whether an early exit is worth another start (smoke.start_attempts): only a
+    container that really ran and exited (a start race) gets one, never a refused create."""
+    if exc.exit_code is None or attempt >= attempts:
+        return False
+    log.warning(
+        "container exited with code %s on start %d of %d; starting it again: %s",
+        exc.exit_code,
+        attempt,
+        attempts,
+        exc.message.splitlines()[0],
+    )
+    return True
 
 
 def summary_markdown(r: SmokeResult) -> str:

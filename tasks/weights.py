@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +30,16 @@ from gantry.adapters.hub import (
     check_relative_path,
     gated_without_token,
 )
-from gantry.errors import ChecksumMismatchError, ConfigError, DiskFullError, HubError
+from gantry.errors import (
+    ChecksumMismatchError,
+    ConfigError,
+    DiskFullError,
+    DownloadIncompleteError,
+    HubResponseError,
+)
 from gantry.manifest import ManifestEntry, WeightsManifest, git_blob_oid, hash_many, sha256_file
 from gantry.results import WeightsResult
+from gantry.scratch import scratch_dir
 from gantry.spec import HubSource
 from tasks._retry import retry_transient
 
@@ -83,8 +89,9 @@ class WeightStore:
         oid_link = self.oids / git_oid
         if not oid_link.exists():
             # Small git-stored files are known to the hub only by their git blob id: index
-            # them by it too, as a relative symlink to the sha256-named blob.
-            tmp = self.oids / f".{git_oid}.{os.getpid()}"
+            # them by it too, as a relative symlink to the sha256-named blob. Made beside
+            # ``src`` (in the run's scratch dir), so a kill cannot leave it in the store.
+            tmp = src.with_name(f".oid-{git_oid}")
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(Path("..") / "sha256" / sha256)
             os.replace(tmp, oid_link)
@@ -94,14 +101,21 @@ class WeightStore:
 def _verify_download(path: Path, f: HubFile, actual_sha: str) -> str:
     """Check a downloaded file against the hub's metadata; return its git oid."""
     size = path.stat().st_size
+    if size < f.size:
+        # Short, not wrong: the transfer was cut. Transient, so the stage downloads again.
+        raise DownloadIncompleteError(
+            f"{f.path} arrived with {size} of its {f.size} bytes",
+            fix="the connection to the hub was cut; the stage retries (spec retries), re-run "
+            "later if it keeps failing",
+        )
     if size != f.size:
         raise ChecksumMismatchError(
             f.path,
             f"{f.size} bytes",
             f"{size} bytes",
             source="size",
-            fix="the download was truncated or altered in transit; "
-            "re-run the release to download it again",
+            fix="the hub served more bytes than its own metadata lists; re-run, and if it "
+            "persists report the repository to its owner",
         )
     oid = git_blob_oid(path)
     if f.lfs_sha256 is not None:
@@ -140,6 +154,7 @@ def verify_snapshot(snapshot: Path, manifest: WeightsManifest) -> float:
             fix=f"the cached snapshot is incomplete; delete {snapshot} and "
             f"{WeightStore.manifest_path(snapshot)} and re-run",
         )
+    _check_only_listed_files(snapshot, {e.path for e in manifest.files})
     actual = hash_many(paths, sha256_file)
     for entry, got, p in zip(manifest.files, actual, paths, strict=True):
         if got != entry.sha256:
@@ -152,6 +167,30 @@ def verify_snapshot(snapshot: Path, manifest: WeightsManifest) -> float:
                 f"manifest and the blob {p.resolve()}, then re-run to download it again",
             )
     return time.monotonic() - t0
+
+
+def _check_only_listed_files(snapshot: Path, listed: set[str]) -> None:
+    """A snapshot holds real files and folders, exactly those of its manifest: a symlink
+    (even to identical bytes) would be followed by whoever reads the mount, an extra file
+    would be mounted unverified."""
+    for top, dirs, files in os.walk(snapshot):
+        for name in [*dirs, *files]:
+            p = Path(top) / name
+            rel = p.relative_to(snapshot).as_posix()
+            if p.is_symlink():
+                what = f"a symlink to {p.readlink()}"
+            elif name in files and rel not in listed:
+                what = "a file its manifest does not list"
+            else:
+                continue
+            raise ChecksumMismatchError(
+                rel,
+                "only regular files of the manifest",
+                what,
+                source="in the snapshot",
+                fix=f"the cached snapshot was tampered with; delete {snapshot} and "
+                f"{WeightStore.manifest_path(snapshot)} and re-run",
+            )
 
 
 def _load_manifest(path: Path) -> WeightsManifest | None:
@@ -193,8 +232,10 @@ def _result(
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write_atomic(path: Path, data: bytes, scratch: Path) -> None:
+    """Write ``path`` whole or not at all; the temp file lives in the run's ``scratch``
+    dir (same filesystem), so a kill never leaves it in the store."""
+    tmp = scratch / f".{path.name}.tmp"
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
@@ -231,7 +272,7 @@ def fetch_weights(
     log.info("resolving %s@%s on %s", source.repo_id, source.revision, endpoint)
     snap = hub.resolve(source.repo_id, source.revision, source.allow_patterns)
     if not snap.files:
-        raise HubError(
+        raise HubResponseError(
             f"no file of {source.repo_id}@{snap.commit} matches source.allow_patterns "
             f"{list(source.allow_patterns)}",
             fix="fix source.allow_patterns (globs over repository paths, e.g. 'onnx/*.onnx')",
@@ -308,51 +349,21 @@ def _build_snapshot(
         sum(f.size for f in need) / 2**20,
         have,
     )
-    work = Path(tempfile.mkdtemp(prefix="snap-", dir=store.tmp))
-    t_verify = 0.0
+    t0 = time.monotonic()
     try:
-        dl = work / "download"
-        dl.mkdir()
-        hub.download(snap, [f.path for f in need], dl)
-        t0 = time.monotonic()
-        got = [dl / f.path for f in need]
-        for f, p in zip(need, got, strict=True):
-            if not p.is_file():
-                raise HubError(f"the hub did not deliver {f.path} of {snap.repo_id}@{snap.commit}")
-        shas = hash_many(got, sha256_file)
-        blobs: dict[str, Path] = {}
-        for f, p, sha in zip(need, got, shas, strict=True):
-            oid = _verify_download(p, f, sha)
-            blobs[f.path] = store.add_blob(p, sha, oid)
-        t_verify = time.monotonic() - t0
-
-        tree = work / "snapshot"
-        entries: list[ManifestEntry] = []
-        for f in snap.files:
-            blob = blobs.get(f.path) or store.blob_for(f)
-            assert blob is not None  # either downloaded just now or found in the store
-            target = tree / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(blob, target)
-            entries.append(ManifestEntry(path=f.path, size=blob.stat().st_size, sha256=blob.name))
-        manifest = WeightsManifest.build(snap.repo_id, snap.commit, entries, gated=snap.gated)
-
-        # Publish: the tree first, the manifest last. Only a snapshot with a manifest counts.
-        snap_dir.parent.mkdir(parents=True, exist_ok=True)
-        if snap_dir.exists():
-            shutil.rmtree(snap_dir)  # a leftover of a run killed before its manifest
-        os.replace(tree, snap_dir)
-        _write_atomic(
-            WeightStore.manifest_path(snap_dir),
-            json.dumps(manifest.model_dump(mode="json"), indent=2).encode(),
-        )
+        with scratch_dir(store.tmp, "snap-") as work:
+            manifest, t_verify = _download_and_publish(store, snap, hub, need, snap_dir, work)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(store.root) from None
         raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("weights %s@%s: manifest %s", snap.repo_id, snap.commit[:12], manifest.digest[:16])
+    log.info(
+        "weights %s@%s: manifest %s in %.1fs",
+        snap.repo_id,
+        snap.commit[:12],
+        manifest.digest[:16],
+        time.monotonic() - t0,
+    )
     return _result(
         source,
         source.revision,
@@ -363,6 +374,57 @@ def _build_snapshot(
         downloaded=need,
         verify_s=t_verify,
     )
+
+
+def _download_and_publish(
+    store: WeightStore,
+    snap: RepoSnapshot,
+    hub: HubClient,
+    need: list[HubFile],
+    snap_dir: Path,
+    work: Path,
+) -> tuple[WeightsManifest, float]:
+    """Download ``need`` into ``work``, verify, store the blobs, publish the snapshot;
+    the manifest and the seconds spent verifying."""
+    dl = work / "download"
+    dl.mkdir()
+    hub.download(snap, [f.path for f in need], dl)
+    t0 = time.monotonic()
+    got = [dl / f.path for f in need]
+    for f, p in zip(need, got, strict=True):
+        if not p.is_file():
+            raise HubResponseError(
+                f"the hub did not deliver {f.path} of {snap.repo_id}@{snap.commit}"
+            )
+    shas = hash_many(got, sha256_file)
+    blobs: dict[str, Path] = {}
+    for f, p, sha in zip(need, got, shas, strict=True):
+        oid = _verify_download(p, f, sha)
+        blobs[f.path] = store.add_blob(p, sha, oid)
+    t_verify = time.monotonic() - t0
+
+    tree = work / "snapshot"
+    entries: list[ManifestEntry] = []
+    for f in snap.files:
+        blob = blobs.get(f.path) or store.blob_for(f)
+        assert blob is not None  # either downloaded just now or found in the store
+        target = tree / f.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(blob, target)
+        entries.append(ManifestEntry(path=f.path, size=blob.stat().st_size, sha256=blob.name))
+    manifest = WeightsManifest.build(snap.repo_id, snap.commit, entries, gated=snap.gated)
+
+    # Publish: the tree first, the manifest last. Only a snapshot with a manifest counts.
+    snap_dir.parent.mkdir(parents=True, exist_ok=True)
+    if snap_dir.exists():
+        shutil.rmtree(snap_dir)  # a leftover of a run killed before its manifest
+    os.replace(tree, snap_dir)
+    _write_atomic(
+        WeightStore.manifest_path(snap_dir),
+        json.dumps(manifest.model_dump(mode="json"), indent=2).encode(),
+        work,
+    )
+    return manifest, t_verify
 
 
 @task(

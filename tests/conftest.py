@@ -2,8 +2,9 @@
 
 Tiers (markers): ``unit`` (pure functions), ``contract`` (recorded tool outputs, golden
 argv), ``integration`` (real Docker engine, registry, hub endpoint, Prefect), ``e2e`` (a
-whole release). ``make test`` runs them all; a tool that is missing fails the test, it
-never skips silently.
+whole release), ``reliability`` (faults, kills and hostile input; tests/reliability
+writes what it tried to .gantry/reliability/results.json). ``make test`` runs them all;
+a tool that is missing fails the test, it never skips silently.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "contract": "recorded tool outputs and golden argv",
         "integration": "real Docker engine, registry, hub endpoint or Prefect server",
         "e2e": "a whole release through the CLI",
+        "reliability": "injected faults, killed runs and hostile input on the real components",
     }.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
 
 
-from tests.support import gantry_env  # noqa: E402,F401  (the session fixture)
+from tests.support import gantry_env, prefect_server  # noqa: E402,F401  (session fixtures)

@@ -83,12 +83,25 @@ def gantry_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GantryEnv]:
     finally:
         for s in reversed(services):
             s.stop()
+        _remove_test_deployments(settings.deployments_dir)
         _remove_test_images(settings.registry)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _remove_test_deployments(deployments_dir: Path) -> None:
+    """Routers and model servers that releases of this session deployed (stage canary)."""
+    with contextlib.suppress(Exception):
+        import docker
+
+        from gantry.deploy.docker import remove_deployments
+
+        client = docker.from_env(timeout=60)
+        remove_deployments(client, deployments_dir)
+        client.close()
 
 
 def _remove_test_images(registry: str) -> None:
@@ -103,3 +116,37 @@ def _remove_test_images(registry: str) -> None:
                     with contextlib.suppress(Exception):
                         client.images.remove(tag, noprune=True)
         client.close()
+
+
+@dataclass
+class PrefectServer:
+    """A Prefect server of this test session: its own port, PREFECT_HOME and database."""
+
+    api_url: str
+    state_dir: Path
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url.removesuffix("/api")
+
+    def env(self) -> dict[str, str]:
+        """Environment for a `gantry` subprocess that talks to this server."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One real Prefect server (SQLite) shared by the tests that need an API; ~15 s to start."""
+    from gantry.localenv.services import prefect_service
+    from gantry.settings import Settings
+
+    state = tmp_path_factory.mktemp("prefect-server")
+    settings = Settings.from_env(
+        {"GANTRY_STATE_DIR": str(state), "GANTRY_PREFECT_PORT": str(free_port())}
+    )
+    service = prefect_service(settings)
+    service.start()
+    try:
+        yield PrefectServer(api_url=settings.prefect_api_url, state_dir=state)
+    finally:
+        service.stop()

@@ -26,10 +26,11 @@ from pydantic import BaseModel, ConfigDict
 
 from gantry.errors import (
     DiskFullError,
+    DownloadIncompleteError,
     GantryError,
     GatedRepoError,
     HubAuthError,
-    HubError,
+    HubResponseError,
     HubUnavailableError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -101,6 +102,8 @@ class _LogProgress(hf_tqdm):
     interval_s: ClassVar[float] = 5.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A disabled tqdm sets no ``desc`` (nor most attributes): keep our own label.
+        self._label = str(kwargs.get("desc") or "download")
         kwargs["disable"] = True  # no terminal bar; we log instead
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._last = time.monotonic()
@@ -114,7 +117,7 @@ class _LogProgress(hf_tqdm):
             self._last = now
             log.info(
                 "%s: %.1f / %.1f MiB (%.0f%%)",
-                self.desc or "download",
+                self._label,
                 self._done / 2**20,
                 total / 2**20,
                 100 * self._done / total,
@@ -172,13 +175,13 @@ def _map_error(
                 f"{endpoint} refused the request for {repo_id} ({status}): {text}",
                 fix=f"check the token in ${token_env} is valid and has read access",
             )
-        if status is not None and (status >= 500 or status == 429):
+        if status is not None and (status >= 500 or status in (408, 429)):
             return HubUnavailableError(
                 f"{endpoint} answered {status} for {repo_id}: {text}",
                 fix="the hub is overloaded or down; the stage retries, re-run later if it "
                 "keeps failing",
             )
-        return HubError(f"{endpoint} answered {status} for {repo_id}: {text}")
+        return HubResponseError(f"{endpoint} answered {status} for {repo_id}: {text}")
     if isinstance(
         exc, (*_TRANSPORT_ERRORS, hf_errors.OfflineModeIsEnabled, ConnectionError, TimeoutError)
     ):
@@ -189,7 +192,15 @@ def _map_error(
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return DiskFullError(Path(exc.filename or "."))
-    return HubError(f"hub request for {repo_id} failed: {type(exc).__name__}: {text}")
+    # The client's own size check, after its resume attempts ran out: a plain OSError whose
+    # text is the only mark of it. The transfer was cut, the content is not known bad.
+    if isinstance(exc, OSError) and str(exc).startswith("Consistency check failed"):
+        return DownloadIncompleteError(
+            f"a download from {endpoint} for {repo_id} ended short: {text}",
+            fix="the connection to the hub was cut; the stage retries (spec retries), re-run "
+            "later if it keeps failing",
+        )
+    return HubResponseError(f"hub request for {repo_id} failed: {type(exc).__name__}: {text}")
 
 
 class HubClient:
@@ -227,7 +238,7 @@ class HubClient:
                 repo_id, revision=revision, files_metadata=True, timeout=self.timeout_s
             )
         if not info.sha:
-            raise HubError(f"{self.endpoint} did not say which commit {revision!r} is")
+            raise HubResponseError(f"{self.endpoint} did not say which commit {revision!r} is")
         siblings = list(info.siblings or [])
         for s in siblings:
             check_relative_path(s.rfilename)

@@ -259,6 +259,15 @@ class MlflowRegistry:
             lambda: self._client.create_run(experiment_id, tags=all_tags, run_name=release_id),
         )
 
+    def start_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+        """A new run that belongs to no release (no ``gantry.release_id`` tag, so a
+        release's run is never mistaken for it); its id."""
+        run = self._call(
+            f"create run {run_name!r}",
+            lambda: self._client.create_run(experiment_id, tags=dict(tags), run_name=run_name),
+        )
+        return str(run.info.run_id)
+
     def get_run(self, run_id: str) -> Run:
         return self._call(f"read run {run_id}", lambda: self._client.get_run(run_id))
 
@@ -360,6 +369,15 @@ class MlflowRegistry:
             f"set alias {alias!r} of {model_name!r} to version {version}",
             lambda: self._client.set_registered_model_alias(model_name, alias, version),
         )
+
+    def set_version_tags(self, model_name: str, version: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags on one version."""
+
+        def go() -> None:
+            for key, value in tags.items():
+                self._client.set_model_version_tag(model_name, version, key, value)
+
+        self._call(f"tag version {version} of {model_name!r}", go)
 
     def get_version(self, model_name: str, version: str) -> ModelVersionRef:
         return self._call(

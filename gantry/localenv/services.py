@@ -304,3 +304,58 @@ def prefect_service(settings: Settings) -> ManagedProcess:
         startup_timeout_s=180,
         port_env_var="GANTRY_PREFECT_PORT",
     )
+
+
+#: The work pool prefect.yaml's deployments use; `gantry serve` runs a worker for it.
+DEFAULT_WORK_POOL = "gantry-process"
+
+
+def worker_name() -> str:
+    """The local worker's name: stable, so restarts do not pile up workers in the pool."""
+    return f"gantry-{socket.gethostname()}"
+
+
+def worker_service(
+    settings: Settings,
+    *,
+    pool: str = DEFAULT_WORK_POOL,
+    limit: int = 1,
+    env: Mapping[str, str] | None = None,
+) -> ManagedProcess:
+    """A Prefect process worker polling ``pool``; its health endpoint is on 127.0.0.1.
+
+    ``env`` points it at the Prefect API (see ``prefect_env``). ``limit`` caps concurrent
+    flow runs: releases build images and run containers, so one at a time by default.
+    """
+    return ManagedProcess(
+        name="worker",
+        argv=[
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--type",
+            "process",
+            "--name",
+            worker_name(),
+            "--limit",
+            str(limit),
+            "--with-healthcheck",
+            "--install-policy",
+            "never",
+        ],
+        host="127.0.0.1",
+        port=settings.worker_port,
+        health_path="/health",
+        run_dir=settings.services_dir,
+        env={
+            **(env or {}),
+            "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+            "PREFECT_WORKER_WEBSERVER_PORT": str(settings.worker_port),
+        },
+        startup_timeout_s=90,
+        port_env_var="GANTRY_WORKER_PORT",
+    )

@@ -64,6 +64,8 @@ Kind = Literal["api", "download", "control", "other"]
 _CHUNK = 1024 * 1024
 _TRUE = {"1", "true", "True"}
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+#: Fault modes that act on a response body, so only on GET.
+_BODY_FAULTS = frozenset({"truncate", "short", "corrupt"})
 
 
 # --- faults and statistics -------------------------------------------------------------
@@ -74,12 +76,15 @@ class FaultRule(BaseModel):
 
     ``status`` answers ``status``; ``reset`` closes the connection before any byte is sent;
     ``stall`` waits ``stall_s`` seconds before answering normally (clients time out);
-    ``truncate`` (GET only) sends the headers and half the body, then closes cleanly.
+    ``truncate`` (GET only) sends the headers and half the body, then closes cleanly;
+    ``short`` (GET only) answers half the body as if it were all of it (Content-Length
+    halved, the connection kept), a file cut short by a broken proxy or cache;
+    ``corrupt`` (GET only) sends the whole body with one byte in its middle flipped.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["status", "reset", "stall", "truncate"]
+    mode: Literal["status", "reset", "stall", "truncate", "short", "corrupt"]
     status: int = Field(default=503, ge=400, le=599)
     count: int = Field(default=1, ge=1, le=100_000)
     path_contains: str = ""
@@ -87,7 +92,7 @@ class FaultRule(BaseModel):
     stall_s: float = Field(default=30.0, gt=0, le=600)
 
     def matches(self, method: str, path: str) -> bool:
-        if self.mode == "truncate" and method != "GET":
+        if self.mode in _BODY_FAULTS and method != "GET":
             return False
         return (self.method is None or self.method.upper() == method) and (
             self.path_contains in path
@@ -336,8 +341,10 @@ class HubApp(Starlette):
             elif fault.mode == "stall":
                 await anyio.sleep(fault.stall_s)
                 await inner(scope, receive, counting_send)
-            else:
+            elif fault.mode == "truncate":
                 await inner(scope, receive, _truncating(counting_send, send))
+            else:
+                await inner(scope, receive, _rewriting(counting_send, fault.mode))
         finally:
             self.hub.record(
                 {
@@ -591,6 +598,43 @@ class HubApp(Starlette):
             return Response(b"", status_code=status, headers=headers)
         body = _file_chunks(self.store.blob_path(entry.sha256), start, length)
         return StreamingResponse(body, status_code=status, headers=headers)
+
+
+def _rewriting(send: Send, mode: str) -> Send:
+    """A ``send`` that answers half the body as a whole one (``short``), or the whole body
+    with the byte at its middle flipped (``corrupt``); the connection stays usable."""
+    half = 0
+    offset = 0
+    done = False
+
+    async def rewriting_send(message: Message) -> None:
+        nonlocal half, offset, done
+        if done:
+            return
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            length = next((int(v) for k, v in headers if k.lower() == b"content-length"), 0)
+            half = length // 2
+            if mode == "short":
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(half).encode()))
+            await send({**message, "headers": headers})
+            return
+        body: bytes = message.get("body", b"")
+        start, offset = offset, offset + len(body)
+        if mode == "corrupt":
+            if start <= half < offset:
+                i = half - start
+                body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1 :]
+            await send({**message, "body": body})
+            return
+        if offset < half and message.get("more_body", False):
+            await send(message)
+            return
+        done = True
+        await send({"type": "http.response.body", "body": body[: half - start], "more_body": False})
+
+    return rewriting_send
 
 
 def _truncating(send: Send, raw_send: Send) -> Send:

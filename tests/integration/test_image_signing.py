@@ -31,7 +31,7 @@ from gantry.errors import (
 from gantry.signing import image as signing
 from gantry.signing import simple
 from gantry.spec import SignOptions
-from tests.support import GantryEnv
+from tests.support import SHARED_CACHE, GantryEnv
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +67,19 @@ class Keys:
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[docker.DockerClient]:
+def client(gantry_env: GantryEnv) -> Iterator[docker.DockerClient]:
+    import logging
+
+    from gantry.localenv.baseimages import ensure_base_image
+
     c = docker_engine.connect(300)
+    # The images under test are built FROM it: a stand-in where it cannot be pulled.
+    ensure_base_image(
+        "debian:bookworm-slim",
+        docker_client=c,
+        work_dir=SHARED_CACHE / "base-images",
+        log=logging.getLogger(__name__),
+    )
     yield c
     c.close()
 
