@@ -15,7 +15,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 
@@ -279,9 +279,16 @@ class RuntimeAPI:
         except RouterUnavailableError:
             return False
 
-    def wait_alive(self, deadline_s: float) -> None:
+    def wait_alive(self, deadline_s: float, gone: Callable[[], str | None] | None = None) -> None:
+        """Until the API answers; ``gone`` says why waiting is pointless (the process
+        exited), so a router that cannot start fails at once, not at the deadline."""
         end = time.monotonic() + deadline_s
         while not self.alive():
+            if gone is not None and (why := gone()):
+                raise RouterUnavailableError(
+                    f"the router stopped before its runtime API answered: {why}",
+                    fix="read the router container's log (`docker logs <deployment>-router`)",
+                )
             if time.monotonic() > end:
                 raise RouterUnavailableError(
                     f"the router's runtime API at {self.host}:{self.port} did not come up "

@@ -282,14 +282,24 @@ class DockerTarget:
             with contextlib.suppress(Exception):
                 self.client.containers.get(self.router_name).remove(force=True)
             raise RouterError(f"starting router {self.router_name} failed: {exc}") from None
-        api = RuntimeAPI("127.0.0.1", self._admin_port(container), self._api_timeout_s)
+
+        def gone() -> str | None:
+            container.reload()
+            state = container.attrs.get("State") or {}
+            if container.status in ("exited", "dead") or container.attrs.get("RestartCount"):
+                return f"it exited with code {state.get('ExitCode')}"
+            return None
+
         try:
-            api.wait_alive(ROUTER_START_S)
-        except RouterUnavailableError:
+            api = RuntimeAPI("127.0.0.1", self._admin_port(container), self._api_timeout_s)
+            api.wait_alive(ROUTER_START_S, gone)
+        except RouterUnavailableError as exc:
             logs = container.logs(tail=30).decode(errors="replace")
+            # A router that cannot start would restart forever: leave nothing behind.
+            with contextlib.suppress(docker.errors.APIError):
+                container.remove(force=True)
             raise RouterUnavailableError(
-                f"router {self.router_name} did not come up within {ROUTER_START_S:.0f}s; "
-                f"its log:\n{logs}",
+                f"router {self.router_name} did not come up ({exc.message}); its log:\n{logs}",
                 fix=f"read the log above (a config error names its line in {self.config_path})",
             ) from None
         self._router_port_from(container)
