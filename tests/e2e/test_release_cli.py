@@ -53,10 +53,15 @@ def _gantry(
 FAST_CANARY = {"window_s": 2, "interval_s": 0.5, "min_requests": 5, "keep_warm_s": 0}
 
 
-def _spec_file(tmp_path: Path, **overrides: object) -> Path:
+def _spec_file(tmp_path: Path, *, eval_subset: bool = False, **overrides: object) -> Path:
     data = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
     data["mlflow"] = {"model_name": "minilm-cli"}
     data["canary"] = dict(FAST_CANARY)
+    if eval_subset:  # a test about something else: every tenth pair is quality enough
+        lines = (REPO_ROOT / data["evaluate"]["dataset"]).read_text().splitlines()
+        subset = tmp_path / "eval-subset.jsonl"
+        subset.write_text("\n".join(lines[::10]) + "\n")
+        data["evaluate"]["dataset"] = str(subset)
     data.update(overrides)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -190,6 +195,7 @@ def test_gated_repo_token_from_prefect_secret(
     )
     spec = _spec_file(
         tmp_path,
+        eval_subset=True,
         source={
             "repo_id": GATED_REPO_ID,
             "revision": "main",
@@ -218,7 +224,7 @@ def test_gated_repo_token_from_prefect_secret(
 
 
 def test_verify_refuses_a_changed_weights_file(prefect_env: dict[str, str], tmp_path: Path) -> None:
-    spec = _spec_file(tmp_path, name="verifyme")
+    spec = _spec_file(tmp_path, eval_subset=True, name="verifyme")
     done = _gantry(prefect_env, "release", str(spec))
     assert done.returncode == 0, done.stderr[-3000:]
     record_path = Path(done.stdout.strip().splitlines()[-1])
