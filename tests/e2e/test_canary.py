@@ -332,6 +332,25 @@ def test_killed_mid_canary_then_rollback_leaves_the_champion_at_100(
     out, _ = last.communicate(timeout=300)
     assert last.returncode == 0 and json.loads(out)["action"] == "nothing-to-do"
 
+    # A champion whose container died: a canary refuses to compare against it (the
+    # release fails naming the fix), and `gantry rollback` starts it again at 100 %.
+    champ = _status(gantry_env)["champion"]
+    client = docker.from_env()
+    name = next(n for n in _containers() if n.endswith(f"-{champ['slot']}"))
+    client.containers.get(name).kill()
+    client.close()
+    proc = _popen(env, "release", str(_spec(tmp_path, "again", "v1", window_s=120)))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    error = json.loads(Path(out.strip().splitlines()[-1]).read_text())["stages"]["canary"]
+    assert error["error"]["type"] == "ChampionUnavailableError"
+    assert "gantry rollback" in error["error"]["message"]
+    restored = _popen(env, "rollback", MODEL)
+    out, err = restored.communicate(timeout=300)
+    assert restored.returncode == 0, err[-3000:]
+    assert json.loads(out)["action"] == "restored-champion"
+    assert _containers()[name] == "running" and _weights(gantry_env)[champ["slot"]] == 100
+
 
 def test_manual_approval_pauses_the_flow_run_before_100(
     env: dict[str, str], gantry_env: GantryEnv, tmp_path: Path
