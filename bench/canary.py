@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import bench_env  # noqa: E402 - after the path is set
+from bench.common import Row, bench_env, report  # noqa: E402 - after the path is set
 
 MODEL = "bench-canary"
 
@@ -149,14 +148,8 @@ def main() -> None:
         }
     client.close()
 
-    results["machine"] = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    results["when"] = datetime.now(UTC).isoformat(timespec="seconds")
     g, q, k = results["good"], results["quality_failure"], results["crash"]
-    rows: list[tuple[str, object, object, object, str]] = [
+    rows: list[Row] = [
         ("good canary: shift / windows", g["shift_s"], g["windows_s"], g["shift_ratio"], "<= 1.1"),
         ("good canary: stage / windows", g["stage_s"], g["windows_s"], g["stage_ratio"], "-"),
         ("failing check -> weight 0 (s)", q["check_to_weight0_s"], "", "", "<= window + 5 s"),
@@ -168,14 +161,7 @@ def main() -> None:
             "<= 1",
         ),
     ]
-    print(f"{'measure':<40} {'a':>9} {'b':>9} {'a/b':>7}  goal")
-    for name, a, b, ratio, goal in rows:
-        print(f"{name:<40} {a!s:>9} {b!s:>9} {ratio!s:>7}  {goal}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2)
-    (out / "canary.json").write_text(text)
-    (out / f"canary-{results['when'].replace(':', '')}.json").write_text(text)
+    report(results, rows, "canary.json", "canary")
 
 
 if __name__ == "__main__":

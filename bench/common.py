@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +63,25 @@ def bench_env(prefix: str) -> Iterator[tuple[Any, dict[str, str]]]:
         for s in reversed(services):
             s.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+Row = tuple[str, object, object, object, str]
+
+
+def report(results: dict[str, Any], rows: list[Row], latest: str, prefix: str) -> None:
+    """Stamp ``results`` with the machine and time, print ``rows`` (measure, a, b, a/b,
+    goal) as a table, and write the JSON to bench/results/<latest> and a timestamped copy."""
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    results["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    print(f"{'measure':<40} {'a':>9} {'b':>9} {'a/b':>7}  goal")
+    for name, a, b, ratio, goal in rows:
+        print(f"{name:<40} {a!s:>9} {b!s:>9} {ratio!s:>7}  {goal}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    (out / latest).write_text(text)
+    (out / f"{prefix}-{results['when'].replace(':', '')}.json").write_text(text)

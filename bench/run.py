@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import bench_env  # noqa: E402 - after the path is set
+from bench.common import Row, bench_env, report  # noqa: E402 - after the path is set
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -144,13 +142,7 @@ def main() -> None:
         }
     client.close()
 
-    results["machine"] = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    results["when"] = datetime.now(UTC).isoformat(timespec="seconds")
-    rows = [
+    rows: list[Row] = [
         (
             "cached re-run / cold release",
             results["release"]["cached_s"],
@@ -173,14 +165,7 @@ def main() -> None:
             ">= 0.9",
         ),
     ]
-    print(f"{'measure':<36} {'a':>9} {'b':>9} {'a/b':>7}  goal")
-    for name, a, b, ratio, goal in rows:
-        print(f"{name:<36} {a:>9} {b:>9} {ratio:>7}  {goal}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=2)
-    (out / "latest.json").write_text(text)
-    (out / f"release-{results['when'].replace(':', '')}.json").write_text(text)
+    report(results, rows, "latest.json", "release")
 
 
 if __name__ == "__main__":
