@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 
 import gantry
+from gantry.atomicfile import write_atomic
 from gantry.proc import redact_text
 from gantry.spec import ReleaseSpec
 
@@ -121,9 +122,7 @@ class Recorder:
         os.replace(self.path, hist / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json")
 
     def write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.record.model_dump_json(indent=2))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, self.record.model_dump_json(indent=2))
 
     def _reusable(self, name: str, result_type: type[T], inputs: str) -> T | None:
         prev = self.previous.stages.get(name) if self.previous else None
@@ -203,9 +202,7 @@ def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseExceptio
         stages={name: StageRecord(status=StageStatus.SKIPPED) for name in STAGES},
         error=_error_of(exc),
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(rec.model_dump_json(indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, rec.model_dump_json(indent=2))
     return path
 
 

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gantry.atomicfile import write_atomic
 from gantry.errors import BuildError
 from gantry.manifest import sha256_file
 from gantry.proc import run
@@ -79,9 +80,7 @@ class Wheelhouse:
         return {k: v for k, v in data.items() if (self.root / k).is_file()}
 
     def _save(self, index: dict[str, str]) -> None:
-        tmp = self._index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-        os.replace(tmp, self._index_path)
+        write_atomic(self._index_path, json.dumps(index, indent=1, sort_keys=True))
 
     def find(self, reqs: list[Requirement]) -> tuple[dict[str, Path], list[Requirement]]:
         """Wheels already here for ``reqs`` (by hash), and the requirements still missing."""

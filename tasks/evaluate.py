@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import gantry
 from gantry import evaluation as ev
+from gantry.atomicfile import write_atomic
 from gantry.errors import ConfigError, QualityGateError
 from gantry.results import BuildResult, WeightsResult
 from gantry.settings import Settings
@@ -120,12 +120,7 @@ def _check_metric(spec: ReleaseSpec) -> None:
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # readers never see half a file
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _champion_score(spec: ReleaseSpec, champion_metrics: ChampionMetrics | None) -> float | None:

@@ -35,7 +35,6 @@ import binascii
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 import threading
@@ -56,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sigstore import errors as sigstore_errors
 from sigstore import oidc as sigstore_oidc
 
+from gantry.atomicfile import write_atomic
 from gantry.errors import SigstoreUnavailableError, WeightsKeyError, WeightsSignatureError
 from gantry.manifest import WeightsManifest
 
@@ -170,8 +170,8 @@ def generate_weights_key(dest_dir: Path, password: str | None) -> tuple[Path, Pa
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    _write_atomic(priv, pem, mode=0o600)
-    _write_atomic(pub, _public_pem(key.public_key()), mode=0o644)
+    write_atomic(priv, pem, mode=0o600)
+    write_atomic(pub, _public_pem(key.public_key()), mode=0o644)
     log.info("weights key pair %s, %s (%s)", priv, pub, fingerprint(key.public_key()))
     return priv, pub
 
@@ -318,7 +318,7 @@ def sign_weights(
     bundle = _sign_into_bytes(lambda out: config.sign(snapshot, out), snapshot)
     signed = _parse_bundle(bundle, signature_path)
     manifest_digest = _check_manifest(signed, manifest, snapshot)
-    _write_atomic(signature_path, bundle, mode=0o644)
+    write_atomic(signature_path, bundle, mode=0o644)
     log.info("signed %d files of %s with %s", len(signed.digests), snapshot, fp)
     return _signature(
         signature_path,
@@ -384,7 +384,7 @@ def _sign_keyless(
         )
     signed = _parse_bundle(bundle, signature_path)
     manifest_digest = _check_manifest(signed, manifest, snapshot)
-    _write_atomic(signature_path, bundle, mode=0o644)
+    write_atomic(signature_path, bundle, mode=0o644)
     log.info("signed %d files of %s keyless as %s", len(signed.digests), snapshot, identity)
     return _signature(
         signature_path,
@@ -740,18 +740,3 @@ def _check_layout(snapshot: Path, signature_path: Path) -> None:
     if signature_path.resolve().is_relative_to(snapshot.resolve()):
         # Inside, it would be signed itself (changing what is signed) and mounted read-only.
         raise ValueError(f"signature path {signature_path} must be outside {snapshot}")
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write via a temp file in the same directory and rename; ``mode`` set before rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +37,7 @@ from gantry.adapters.haproxy import (
     render_config,
     slot_host,
 )
+from gantry.atomicfile import write_atomic
 from gantry.deploy.router import Launch
 from gantry.deploy.router import ServerState as SlotState
 from gantry.errors import (
@@ -166,12 +166,8 @@ class DockerTarget:
                 weights=dict(weights),
             )
         )
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_name(f".{self.config_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        # HAProxy runs as its own non-root user inside the container.
-        tmp.chmod(0o644)
-        os.replace(tmp, self.config_path)
+        # HAProxy runs as its own non-root user inside the container: world-readable.
+        write_atomic(self.config_path, text, mode=0o644)
 
     def _admin_port(self, container: Any) -> int:
         container.reload()

@@ -27,6 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.adapters.haproxy import Slot
+from gantry.atomicfile import write_atomic
 from gantry.canary import CanaryStatus, now
 from gantry.errors import CanaryLockedError, ConfigError
 
@@ -125,9 +126,7 @@ class DeploymentStore:
     def save(self, status: DeploymentStatus) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         status.updated_at = now()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(status.model_dump_json(indent=2))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, status.model_dump_json(indent=2))
 
     def archive_canary(self, canary: CanaryStatus) -> Path:
         """Keep a finished canary's status under ``history/`` (never overwritten)."""
@@ -135,7 +134,7 @@ class DeploymentStore:
         hist.mkdir(parents=True, exist_ok=True)
         stamp = canary.started_at.strftime("%Y%m%dT%H%M%S.%f")
         path = hist / f"{stamp}-{canary.release_id}.json"
-        path.write_text(canary.model_dump_json(indent=2))
+        write_atomic(path, canary.model_dump_json(indent=2))
         return path
 
     @contextlib.contextmanager

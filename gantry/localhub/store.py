@@ -30,6 +30,7 @@ from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gantry.atomicfile import write_atomic
 from gantry.errors import (
     PermanentError,
     RepoNotFoundError,
@@ -174,19 +175,6 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class HubStore:
     """Repositories, commits and blobs under one root directory."""
 
@@ -227,7 +215,7 @@ class HubStore:
         with self._lock():
             tokens = self.accepted_tokens()
             if token not in tokens:
-                _atomic_write(self.root / "tokens.json", _canonical(sorted(tokens | {token})))
+                write_atomic(self.root / "tokens.json", _canonical(sorted(tokens | {token})))
 
     # --- repositories ----------------------------------------------------------------
 
@@ -245,7 +233,7 @@ class HubStore:
         with self._lock(repo_id):
             if not self.repo_exists(repo_id):
                 flags = RepoFlags(gated=gated, private=private)
-                _atomic_write(self._repo_dir(repo_id) / "repo.json", _canonical(flags.model_dump()))
+                write_atomic(self._repo_dir(repo_id) / "repo.json", _canonical(flags.model_dump()))
 
     def repo_flags(self, repo_id: str) -> RepoFlags:
         """The repository's access flags."""
@@ -261,7 +249,7 @@ class HubStore:
             changes = {k: v for k, v in (("gated", gated), ("private", private)) if v is not None}
             new = flags.model_copy(update=changes)
             if new != flags:
-                _atomic_write(self._repo_dir(repo_id) / "repo.json", _canonical(new.model_dump()))
+                write_atomic(self._repo_dir(repo_id) / "repo.json", _canonical(new.model_dump()))
             return new
 
     def _require_repo(self, repo_id: str) -> None:
@@ -280,7 +268,7 @@ class HubStore:
         return Refs.model_validate_json(path.read_bytes()) if path.is_file() else Refs()
 
     def _write_refs(self, repo_id: str, refs: Refs) -> None:
-        _atomic_write(self._repo_dir(repo_id) / "refs.json", _canonical(refs.model_dump()))
+        write_atomic(self._repo_dir(repo_id) / "refs.json", _canonical(refs.model_dump()))
 
     def set_branch(self, repo_id: str, name: str, sha: str) -> None:
         """Point branch ``name`` at commit ``sha`` (creating it, or moving it anywhere)."""
@@ -361,7 +349,7 @@ class HubStore:
             sha256.update(data)
             digest = sha256.hexdigest()
             if not self.blob_path(digest).is_file():
-                _atomic_write(self.blob_path(digest), data)
+                write_atomic(self.blob_path(digest), data)
             oid = git_blob_oid(data)
         else:
             digest, size, oid = self._put_blob_file(data)
@@ -440,7 +428,7 @@ class HubStore:
             sha = hashlib.sha1(data, usedforsecurity=False).hexdigest()
             path = self._repo_dir(repo_id) / "commits" / f"{sha}.json"
             if not path.is_file():
-                _atomic_write(path, data)
+                write_atomic(path, data)
             if head is None or head == parent:
                 if head != sha:
                     refs = self.refs(repo_id)

@@ -1,0 +1,63 @@
+"""Whole-or-nothing file writes that a killed writer cannot leave litter from.
+
+A file is written to ``.<name>.<pid>.<random>.tmp`` beside it, flushed to disk and
+renamed over it, so readers see the old content or the new, never half. A process killed
+between the write and the rename (SIGKILL, OOM) leaves its temp file behind; the next
+write of the same file removes every such file whose writer process is gone, so a re-run
+cleans up after the run that was killed.
+
+    write_atomic(path, record.model_dump_json(indent=2))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove the temp files of ``path`` left by writers that have died; those removed."""
+    removed = []
+    prefix = f".{path.name}."
+    with contextlib.suppress(FileNotFoundError):
+        for tmp in path.parent.iterdir():
+            name = tmp.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            pid = name[len(prefix) :].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically; ``mode`` is set before the file appears."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # the umask may have narrowed it
+            f.write(raw)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,74 @@
+"""Atomic writes: whole or nothing, mode from the first byte, and the temp file of a writer
+killed between write and rename removed by the next write of the same file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gantry.atomicfile import sweep_stale, write_atomic
+
+pytestmark = pytest.mark.unit
+
+# Writes the temp file the way write_atomic does, then hangs before the rename.
+_STUCK = """
+import os, sys, time
+from pathlib import Path
+path = Path(sys.argv[1])
+tmp = path.with_name(f".{path.name}.{os.getpid()}.abcd1234.tmp")
+tmp.write_text("half")
+print(tmp, flush=True)
+time.sleep(600)
+"""
+
+
+def _stuck_writer(path: Path) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_replaces_whole_with_the_mode_asked(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "record.json"
+    write_atomic(path, "one")
+    write_atomic(path, b"two", mode=0o600)
+    assert path.read_text() == "two"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]
+
+
+def test_a_failed_write_keeps_the_old_content_and_no_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "record.json"
+    write_atomic(path, "old")
+    with pytest.raises(TypeError):
+        write_atomic(path, 42)  # type: ignore[arg-type]
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_a_killed_writers_temp_file_is_swept_and_a_live_ones_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "record.json"
+    dead, dead_tmp = _stuck_writer(path)
+    alive, alive_tmp = _stuck_writer(path)
+    other = tmp_path / ".other.json.1.tmp"  # another file's temp: not this file's to sweep
+    other.write_text("x")
+    try:
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.wait(timeout=30)
+        assert dead_tmp.is_file()  # a kill runs no cleanup
+        write_atomic(path, "new")
+        assert not dead_tmp.exists()
+        assert alive_tmp.is_file()  # its writer may still rename it
+        assert other.is_file()
+        assert path.read_text() == "new"
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+    assert sweep_stale(path) == [alive_tmp]
