@@ -66,9 +66,8 @@ reliability-table: venv ## README's Reliability table, from the last run of test
 	$(VENV)/bin/python scripts/reliability_table.py
 
 .PHONY: bench
-bench: venv system-deps ## benchmarks; ratios printed and written to bench/results/
-	$(VENV)/bin/python bench/run.py
-	$(VENV)/bin/python bench/canary.py
+bench: venv system-deps ## benchmarks: ratios printed, written to bench/results/ and the README
+	$(VENV)/bin/python bench/run.py --readme $(BENCH_ARGS)
 
 .PHONY: down
 down: venv ## stop the embedded services (state is kept)

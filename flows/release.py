@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from collections.abc import Callable
+from typing import ParamSpec, Protocol, TypeVar
+
+from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from gantry.record import Recorder, ReleaseRecord
 from gantry.settings import get_settings
-from gantry.spec import ReleaseSpec
+from gantry.spec import ReleaseSpec, RetryPolicy
 from tasks._retry import with_retries
 from tasks.build import build_task
 from tasks.canary import canary_task
@@ -17,6 +20,60 @@ from tasks.scan import ScanResult, scan_task
 from tasks.sign import sign_task
 from tasks.smoke import SmokeResult, smoke_task
 from tasks.weights import weights_task
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class StageRunner(Protocol):
+    """How a stage's task is called: as a Prefect task run, or (benchmarks) its plain
+    function."""
+
+    def __call__(self, task: Task[P, R], policy: RetryPolicy) -> Callable[P, R]: ...
+
+
+def as_task_run(task: Task[P, R], policy: RetryPolicy) -> Callable[P, R]:
+    """A Prefect task run with the spec's retry policy (transient errors only)."""
+    return with_retries(task, policy)
+
+
+def compose(spec: ReleaseSpec, run: StageRunner, *, flow_run_id: str | None) -> ReleaseRecord:
+    """The stages in order, each recorded, each handed the typed results before it."""
+    settings = get_settings()
+    rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id)
+    policy = spec.retries
+    weights = rec.run_stage(
+        "weights", lambda: run(weights_task, policy)(spec.source, str(settings.weights_dir))
+    )
+    build = rec.run_stage("build", lambda: run(build_task, policy)(spec, weights))
+    scan = rec.run_stage(
+        "scan", lambda: run(scan_task, policy)(spec, build), reuse=(ScanResult, build.digest)
+    )
+    sign = rec.run_stage("sign", lambda: run(sign_task, policy)(spec, build, scan, weights))
+    # What smoke and evaluate consume: the image, the weights and their signatures.
+    served = (
+        f"{build.digest} {weights.manifest_digest} {sign.signature_ref} {sign.weights_signature}"
+    )
+    smoke = rec.run_stage(
+        "smoke",
+        lambda: run(smoke_task, policy)(spec, build, weights, sign),
+        reuse=(SmokeResult, served),
+    )
+    evaluation = rec.run_stage(
+        "evaluate",
+        lambda: run(evaluate_release_task, policy)(spec, build, weights, sign),
+        reuse=(EvalResult, served),
+    )
+    registered = rec.run_stage(
+        "register",
+        lambda: run(register_task, policy)(spec, weights, build, scan, sign, evaluation, smoke),
+    )
+    # Not re-used from an earlier record: the live deployment is the truth, and the stage
+    # itself finds a release that is already champion (and only checks it serves).
+    rec.run_stage(
+        "canary", lambda: run(canary_task, policy)(spec, build, weights, sign, registered)
+    )
+    return rec.succeed()
 
 
 @flow(
@@ -36,46 +93,4 @@ def release(spec: ReleaseSpec) -> ReleaseRecord:
         spec: What to release and how, with the fields of a spec YAML file
             (`gantry spec-schema`). The same spec resumes the same release.
     """
-    settings = get_settings()
-    rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run.get_id())
-    policy = spec.retries
-    weights = rec.run_stage(
-        "weights",
-        lambda: with_retries(weights_task, policy)(spec.source, str(settings.weights_dir)),
-    )
-    build = rec.run_stage("build", lambda: with_retries(build_task, policy)(spec, weights))
-    scan = rec.run_stage(
-        "scan",
-        lambda: with_retries(scan_task, policy)(spec, build),
-        reuse=(ScanResult, build.digest),
-    )
-    sign = rec.run_stage(
-        "sign", lambda: with_retries(sign_task, policy)(spec, build, scan, weights)
-    )
-    # What smoke and evaluate consume: the image, the weights and their signatures.
-    served = (
-        f"{build.digest} {weights.manifest_digest} {sign.signature_ref} {sign.weights_signature}"
-    )
-    smoke = rec.run_stage(
-        "smoke",
-        lambda: with_retries(smoke_task, policy)(spec, build, weights, sign),
-        reuse=(SmokeResult, served),
-    )
-    evaluation = rec.run_stage(
-        "evaluate",
-        lambda: with_retries(evaluate_release_task, policy)(spec, build, weights, sign),
-        reuse=(EvalResult, served),
-    )
-    registered = rec.run_stage(
-        "register",
-        lambda: with_retries(register_task, policy)(
-            spec, weights, build, scan, sign, evaluation, smoke
-        ),
-    )
-    # Not re-used from an earlier record: the live deployment is the truth, and the stage
-    # itself finds a release that is already champion (and only checks it serves).
-    rec.run_stage(
-        "canary",
-        lambda: with_retries(canary_task, policy)(spec, build, weights, sign, registered),
-    )
-    return rec.succeed()
+    return compose(spec, as_task_run, flow_run_id=flow_run.get_id())

@@ -376,14 +376,22 @@ def _vectors(body: Any, n: int, url: str) -> npt.NDArray[np.float32]:
     return out
 
 
+def embedding_batches(
+    items: Sequence[RetrievalItem], batch: int = EMBED_BATCH
+) -> tuple[list[str], list[list[str]]]:
+    """The distinct passages (the corpus), and the inputs of each embeddings request: the
+    corpus, then the queries, ``batch`` texts a request."""
+    corpus = list(dict.fromkeys(item.passage for item in items))  # shared passages once
+    texts = corpus + [item.query for item in items]
+    return corpus, [texts[i : i + batch] for i in range(0, len(texts), batch)]
+
+
 async def run_embeddings(
     base_url: str, items: Sequence[RetrievalItem], cfg: RunnerConfig, batch: int = EMBED_BATCH
 ) -> RunOutcome:
     """Embed the corpus and the queries in batches, concurrently; score retrieval."""
-    corpus = list(dict.fromkeys(item.passage for item in items))  # shared passages once
+    corpus, chunks = embedding_batches(items, batch)
     where = {p: i for i, p in enumerate(corpus)}
-    texts = corpus + [item.query for item in items]
-    chunks = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     path = _v1(base_url, "/embeddings")
     latencies: list[float] = []
     async with _client(cfg, base_url) as http:

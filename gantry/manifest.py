@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,16 +79,33 @@ def sha256_file(path: Path) -> str:
 
 def git_blob_oid(path: Path) -> str:
     """The git blob id of a file: sha1 of ``blob <size>\\0`` followed by the content."""
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
     with path.open("rb") as f:
+        h = hashlib.sha1(b"blob %d\0" % os.fstat(f.fileno()).st_size, usedforsecurity=False)
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
+def sha256_and_git_oid(path: Path) -> tuple[str, str]:
+    """sha256 and git blob id of a file from ONE read of it (a downloaded file is checked
+    against either, depending on how the hub stores it)."""
+    with path.open("rb") as f:
+        sha = hashlib.sha256()
+        oid = hashlib.sha1(b"blob %d\0" % os.fstat(f.fileno()).st_size, usedforsecurity=False)
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            oid.update(chunk)
+    return sha.hexdigest(), oid.hexdigest()
+
+
+H = TypeVar("H")
+
+
 def hash_many(
-    paths: Sequence[Path], fn: Callable[[Path], str] = sha256_file, workers: int | None = None
-) -> list[str]:
+    paths: Sequence[Path],
+    fn: Callable[[Path], H] = sha256_file,  # type: ignore[assignment]
+    workers: int | None = None,
+) -> list[H]:
     """Hash ``paths`` in parallel across cores; results in the order given."""
     if not paths:
         return []

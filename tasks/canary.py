@@ -826,6 +826,8 @@ def _shift(dep: Deployment, prober: Prober, spec: ReleaseSpec, cand: Slot, champ
             "passed" if verdict.passed else f"FAILED ({', '.join(verdict.failed_checks)})",
         )
         if not verdict.passed:
+            # The window ends the moment a check fails: that is when the failure was seen.
+            c.first_failure_at = verdict.finished_at
             reason = f"step {i + 1} at {weight} %: {describe_failure(verdict.checks)}"
             dep.rollback_candidate(reason, verdict.failed_checks)
             raise CanaryFailedError(

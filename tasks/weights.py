@@ -37,7 +37,13 @@ from gantry.errors import (
     DownloadIncompleteError,
     HubResponseError,
 )
-from gantry.manifest import ManifestEntry, WeightsManifest, git_blob_oid, hash_many, sha256_file
+from gantry.manifest import (
+    ManifestEntry,
+    WeightsManifest,
+    hash_many,
+    sha256_and_git_oid,
+    sha256_file,
+)
 from gantry.results import WeightsResult
 from gantry.scratch import scratch_dir
 from gantry.spec import HubSource
@@ -98,8 +104,8 @@ class WeightStore:
         return dest
 
 
-def _verify_download(path: Path, f: HubFile, actual_sha: str) -> str:
-    """Check a downloaded file against the hub's metadata; return its git oid."""
+def _verify_download(path: Path, f: HubFile, actual_sha: str, oid: str) -> None:
+    """Check a downloaded file (its sha256 and git blob id) against the hub's metadata."""
     size = path.stat().st_size
     if size < f.size:
         # Short, not wrong: the transfer was cut. Transient, so the stage downloads again.
@@ -117,7 +123,6 @@ def _verify_download(path: Path, f: HubFile, actual_sha: str) -> str:
             fix="the hub served more bytes than its own metadata lists; re-run, and if it "
             "persists report the repository to its owner",
         )
-    oid = git_blob_oid(path)
     if f.lfs_sha256 is not None:
         if actual_sha != f.lfs_sha256:
             raise ChecksumMismatchError(
@@ -137,7 +142,6 @@ def _verify_download(path: Path, f: HubFile, actual_sha: str) -> str:
             fix="the hub served content that does not match its git blob id; re-run, and if "
             "it persists report the repository to its owner",
         )
-    return oid
 
 
 def verify_snapshot(snapshot: Path, manifest: WeightsManifest) -> float:
@@ -388,20 +392,28 @@ def _download_and_publish(
     the manifest and the seconds spent verifying."""
     dl = work / "download"
     dl.mkdir()
-    hub.download(snap, [f.path for f in need], dl)
-    t0 = time.monotonic()
-    got = [dl / f.path for f in need]
-    for f, p in zip(need, got, strict=True):
-        if not p.is_file():
+    # Each file is hashed (read once, for its sha256 and git blob id) the moment it is
+    # complete, in its download thread, while the other files are still arriving.
+    digests: dict[str, tuple[str, str]] = {}
+    hashing: list[float] = []
+
+    def hash_now(path: str, local: Path) -> None:
+        t = time.monotonic()
+        digests[path] = sha256_and_git_oid(local)
+        hashing.append(time.monotonic() - t)
+
+    hub.download(snap, [f.path for f in need], dl, on_file=hash_now)
+    blobs: dict[str, Path] = {}
+    for f in need:
+        p = dl / f.path
+        if not p.is_file() or f.path not in digests:
             raise HubResponseError(
                 f"the hub did not deliver {f.path} of {snap.repo_id}@{snap.commit}"
             )
-    shas = hash_many(got, sha256_file)
-    blobs: dict[str, Path] = {}
-    for f, p, sha in zip(need, got, shas, strict=True):
-        oid = _verify_download(p, f, sha)
+        sha, oid = digests[f.path]
+        _verify_download(p, f, sha, oid)
         blobs[f.path] = store.add_blob(p, sha, oid)
-    t_verify = time.monotonic() - t0
+    t_verify = sum(hashing)
 
     tree = work / "snapshot"
     entries: list[ManifestEntry] = []

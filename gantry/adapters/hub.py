@@ -11,13 +11,14 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils._paths import filter_repo_objects
@@ -266,27 +267,48 @@ class HubClient:
         )
 
     def download(
-        self, snap: RepoSnapshot, paths: Sequence[str], dest: Path, *, max_workers: int = 4
+        self,
+        snap: RepoSnapshot,
+        paths: Sequence[str],
+        dest: Path,
+        *,
+        max_workers: int = 4,
+        on_file: Callable[[str, Path], None] | None = None,
     ) -> None:
         """Download ``paths`` of ``snap`` (at its commit, never the moving revision) into
-        ``dest``. Verification is the caller's job: the client checks sizes only."""
+        ``dest``, ``max_workers`` files at a time. ``on_file(path, local_file)`` runs as soon
+        as a file is complete, while the others still download (the caller hashes it then,
+        with its bytes still in the page cache). Verification is the caller's job: the
+        client checks sizes only."""
         if not paths:
             return
         # The client reads its download timeout from this module constant at call time.
         hf_constants.HF_HUB_DOWNLOAD_TIMEOUT = int(self.timeout_s)
-        with self._mapped(snap.repo_id, snap.commit):
-            snapshot_download(
+
+        def one(path: str) -> None:
+            # What snapshot_download does per file, minus its extra repo-info request (the
+            # commit is already resolved) and plus the hook.
+            local = hf_hub_download(
                 snap.repo_id,
+                path,
                 revision=snap.commit,
                 endpoint=self.endpoint,
                 token=self._token or False,
                 local_dir=dest,
-                # Exact names, with glob metacharacters escaped, so nothing else matches.
-                allow_patterns=[_fnmatch_escape(p) for p in paths],
-                max_workers=max_workers,
                 etag_timeout=self.timeout_s,
                 tqdm_class=_LogProgress,
             )
+            if on_file is not None:
+                on_file(path, Path(str(local)))
+
+        with self._mapped(snap.repo_id, snap.commit):
+            pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="hub")
+            try:
+                futures = [pool.submit(one, p) for p in paths]
+                for fut in as_completed(futures):
+                    fut.result()  # the first failure stops the rest
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fnmatch_escape(name: str) -> str:

@@ -143,6 +143,29 @@ RECIPES: dict[str, Recipe] = {
             python="3.11",
             cmd=("python3",),
         ),
+        # The full python image (compilers and headers, what a single-stage Dockerfile needs
+        # to build wheels from sdists); only bench/run.py's image-size baseline uses it.
+        Recipe(
+            ref="python:3.11-bookworm",
+            include=(
+                "python3.11",
+                "python3.11-dev",
+                "python3-venv",
+                "python3-pip",
+                "build-essential",
+                "pkg-config",
+                "libssl-dev",
+                "libffi-dev",
+                "zlib1g-dev",
+                "git",
+                "curl",
+                "ca-certificates",
+                "netbase",
+                "tzdata",
+            ),
+            python="3.11",
+            cmd=("python3",),
+        ),
         # The canary router. The official image keeps its config at this path and runs as
         # user `haproxy`, which Debian's package creates too.
         Recipe(
