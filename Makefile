@@ -69,6 +69,10 @@ reliability-table: venv ## README's Reliability table, from the last run of test
 bench: venv system-deps ## benchmarks: ratios printed, written to bench/results/ and the README
 	$(VENV)/bin/python bench/run.py --readme $(BENCH_ARGS)
 
+.PHONY: bench-hygiene
+bench-hygiene: venv system-deps ## 20 releases through one `gantry serve`: containers, fds, disk after each
+	$(VENV)/bin/python bench/hygiene.py --readme
+
 .PHONY: down
 down: venv ## stop the embedded services (state is kept)
 	$(GANTRY) env down

@@ -241,10 +241,12 @@ def report(results: dict[str, Any], rows: list[Row], name: str, note: str) -> st
     return markdown(rows, results)
 
 
-def splice_readme(table: str, readme: Path = ROOT / "README.md") -> None:
-    """Put ``table`` between the bench markers of the README."""
+def splice_readme(
+    table: str, *, begin: str = BEGIN, end: str = END, readme: Path = ROOT / "README.md"
+) -> None:
+    """Put ``table`` between the ``begin`` and ``end`` markers of the README."""
     text = readme.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"README has no {BEGIN} … {END} markers (in this order)")
-    readme.write_text(text[: start + len(BEGIN)] + "\n" + table + "\n" + text[end:])
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"README has no {begin} … {end} markers (in this order)")
+    readme.write_text(text[: start + len(begin)] + "\n" + table + "\n" + text[stop:])

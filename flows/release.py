@@ -8,7 +8,7 @@ from typing import ParamSpec, Protocol, TypeVar
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from gantry.record import Recorder, ReleaseRecord
+from gantry.record import Recorder, ReleaseRecord, one_run_at_a_time
 from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec, RetryPolicy
 from tasks._retry import with_retries
@@ -40,7 +40,12 @@ def as_task_run(task: Task[P, R], policy: RetryPolicy) -> Callable[P, R]:
 def compose(spec: ReleaseSpec, run: StageRunner, *, flow_run_id: str | None) -> ReleaseRecord:
     """The stages in order, each recorded, each handed the typed results before it."""
     settings = get_settings()
-    rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id)
+    with one_run_at_a_time(settings.releases_dir, spec.release_id):
+        return _stages(spec, run, Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id))
+
+
+def _stages(spec: ReleaseSpec, run: StageRunner, rec: Recorder) -> ReleaseRecord:
+    settings = get_settings()
     policy = spec.retries
     weights = rec.run_stage(
         "weights", lambda: run(weights_task, policy)(spec.source, str(settings.weights_dir))

@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gantry.errors import ConfigError, GantryError, ServiceError, SpecError
+from gantry.errors import (
+    ConfigError,
+    GantryError,
+    ReleaseInProgressError,
+    ServiceError,
+    SpecError,
+)
 from gantry.settings import Settings, get_settings
 
 log = logging.getLogger("gantry")
@@ -92,6 +98,11 @@ def cmd_release(args: argparse.Namespace) -> int:
     path = record_path(settings.releases_dir, spec.release_id)
     try:
         release(spec)
+    except ReleaseInProgressError as exc:
+        # The record is the running one's: neither rewritten nor shown as this run's.
+        print(f"gantry: {exc}", file=sys.stderr)
+        print(path)
+        return EXIT_FAILED
     except GantryError as exc:
         print(f"gantry: release {spec.release_id} failed: {exc}", file=sys.stderr)
     except Exception as exc:  # an orchestration failure: still leave a record

@@ -464,6 +464,13 @@ class WebhookBodyTooLargeError(WebhookError):
     status = 413
 
 
+class WebhookTimeoutError(WebhookError):
+    """The body did not arrive within the receiver's read deadline."""
+
+    status = 408
+    fix = "send the whole body at once; a client this slow is cut off so it cannot hold a slot"
+
+
 class WebhookContentTypeError(WebhookError):
     """The body is not declared as JSON."""
 
@@ -516,6 +523,10 @@ class ChampionUnavailableError(PermanentError):
     has nothing to be compared against."""
 
     fix = "run `gantry rollback MODEL` (it restarts the champion at 100 %), then release again"
+
+
+class ReleaseInProgressError(PermanentError):
+    """Another run of the same release (the same spec) is running right now."""
 
 
 class CanaryLockedError(PermanentError):

@@ -7,12 +7,13 @@ release; earlier runs of the same release are kept under ``releases/history/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +23,8 @@ from pydantic import BaseModel, Field
 
 import gantry
 from gantry.atomicfile import write_atomic
+from gantry.errors import ReleaseInProgressError
+from gantry.locks import exclusive
 from gantry.proc import redact_text
 from gantry.spec import ReleaseSpec
 
@@ -185,6 +188,23 @@ class Recorder:
     def succeed(self) -> ReleaseRecord:
         self._finish(StageStatus.SUCCEEDED)
         return self.record
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(releases_dir: Path, release_id: str) -> Iterator[None]:
+    """Refuse a second run of a release while one runs: two would share one record and
+    race to build, register and deploy the same thing. The lock dies with its holder."""
+
+    def busy(other: str) -> ReleaseInProgressError:
+        return ReleaseInProgressError(
+            f"release {release_id} is already running ({other})",
+            fix="wait for that run to finish (its record and Prefect flow run show where it "
+            "is); re-running the spec afterwards resumes what is left",
+        )
+
+    lock = releases_dir / "locks" / f"{release_id}.lock"
+    with exclusive(lock, wait_s=0, holder=f"release {release_id}", busy=busy):
+        yield
 
 
 def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseException) -> Path:

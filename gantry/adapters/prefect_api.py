@@ -76,6 +76,9 @@ class DeploymentConfig(BaseModel):
     enforce_parameter_schema: bool = True
     work_pool: WorkPoolRef
     schedules: list[ScheduleConfig] = Field(default_factory=list)
+    concurrency_limit: int | None = Field(
+        default=None, ge=1, description="Runs of this deployment at once; more wait."
+    )
     pull: list[dict[str, Any]] | None = None
 
 
@@ -286,6 +289,7 @@ async def register_deployments(
                 enforce_parameter_schema=dep.enforce_parameter_schema,
                 pull_steps=dep.pull if dep.pull is not None else project.pull,
                 schedules=schedules,
+                concurrency_limit=dep.concurrency_limit,
             )
         registered = RegisteredDeployment(
             id=deployment_id, name=dep.name, flow_name=flow.name, work_pool=dep.work_pool.name

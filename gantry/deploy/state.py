@@ -12,14 +12,9 @@ kernel drops it when its holder dies, so a killed run never leaves a stale lock.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
-import json
 import logging
-import os
 import re
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +25,7 @@ from gantry.adapters.haproxy import Slot
 from gantry.atomicfile import write_atomic
 from gantry.canary import CanaryStatus, now
 from gantry.errors import CanaryLockedError, ConfigError
+from gantry.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -141,41 +137,15 @@ class DeploymentStore:
     def lock(self, wait_s: float, holder: str) -> Iterator[None]:
         """Hold the deployment's lock; wait up to ``wait_s`` for another holder, then fail
         with who holds it. ``holder`` (e.g. the release id) is written for that message."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline, announced = time.monotonic() + wait_s, False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                other = _read_holder(path)
-                if time.monotonic() >= deadline:
-                    raise CanaryLockedError(
-                        f"another canary or rollback of {self.model} is running ({other}); "
-                        f"waited {wait_s:.0f}s",
-                        fix="wait for it to finish (its Prefect flow run shows the progress), "
-                        "raise canary.lock_wait_s, or cancel that run and then run "
-                        f"`gantry rollback {self.model}`",
-                    )
-                if not announced:
-                    log.info("waiting for the deployment lock of %s, held by %s", self.model, other)
-                    announced = True
-                time.sleep(0.5)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid()}).encode(), 0)
+
+        def busy(other: str) -> CanaryLockedError:
+            return CanaryLockedError(
+                f"another canary or rollback of {self.model} is running ({other}); "
+                f"waited {wait_s:.0f}s",
+                fix="wait for it to finish (its Prefect flow run shows the progress), "
+                "raise canary.lock_wait_s, or cancel that run and then run "
+                f"`gantry rollback {self.model}`",
+            )
+
+        with exclusive(self.dir / "lock", wait_s=wait_s, holder=holder, busy=busy):
             yield
-        finally:
-            os.close(fd)  # closing drops the flock
-
-
-def _read_holder(path: Path) -> str:
-    try:
-        data = json.loads(path.read_text() or "{}")
-        return f"{data.get('holder', '?')}, pid {data.get('pid', '?')}"
-    except (OSError, ValueError):
-        return "unknown holder"

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,6 +47,7 @@ from gantry.errors import (
     WebhookContentTypeError,
     WebhookError,
     WebhookParameterError,
+    WebhookTimeoutError,
 )
 from gantry.proc import redact_text
 from gantry.webhook.config import WebhookConfig
@@ -93,7 +95,7 @@ def create_app(
     async def receive(request: Request) -> JSONResponse:
         delivery = "-"
         try:
-            body = await _read_body(request, config.max_body_bytes)
+            body = await _read_body(request, config.max_body_bytes, config.read_timeout_s)
             verify_signature(body, request.headers, secret)
             delivery = _delivery_id(request)
             answer = await _handle(request, body, delivery, config, store, state["starter"])
@@ -171,7 +173,7 @@ async def _handle(
     return _accepted(stored, duplicate=False)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -187,11 +189,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     # Content-Length can be absent (chunked) or lie: count what actually arrives.
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise WebhookBodyTooLargeError(f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
+    # A deadline for the whole body: uvicorn has none, and a client trickling bytes would
+    # otherwise hold its connection for as long as it likes.
+    with anyio.move_on_after(timeout_s) as scope:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise WebhookBodyTooLargeError(f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise WebhookTimeoutError(f"the body did not arrive within {timeout_s:g}s")
     return b"".join(chunks)
 
 

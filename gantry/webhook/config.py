@@ -87,6 +87,12 @@ class WebhookConfig(BaseModel):
         "working directory.",
     )
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY, gt=0, le=25 * 1024 * 1024)
+    read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds a delivery's body may take to arrive; slower ones get 408.",
+    )
     secret_env: str = Field(default=DEFAULT_SECRET_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     secret_block: str | None = Field(
         default=None,

@@ -44,11 +44,29 @@ def _pool_state(server: PrefectServer) -> tuple[list[str], Any, dict[str, Any]]:
                 await client.read_work_pool("gantry-process"),
                 {
                     name: await client.read_deployment_by_name(f"{name}/{name}")
-                    for name in ("release", "rollback")
+                    for name in ("release", "rollback", "reevaluate")
                 },
             )
 
     return anyio.run(read)
+
+
+def _run_deployment(server: PrefectServer, name: str, *, timeout_s: float) -> Any:
+    """Start a run of deployment ``name`` and wait for its final state."""
+    from prefect.client.orchestration import PrefectClient
+
+    async def run() -> Any:
+        async with PrefectClient(api=server.api_url) as client:
+            deployment = await client.read_deployment_by_name(name)
+            flow_run = await client.create_flow_run_from_deployment(deployment.id)
+            with anyio.fail_after(timeout_s):
+                while True:
+                    flow_run = await client.read_flow_run(flow_run.id)
+                    if flow_run.state is not None and flow_run.state.is_final():
+                        return flow_run.state
+                    await anyio.sleep(1)
+
+    return anyio.run(run)
 
 
 def test_serve_starts_a_worker_and_env_down_stops_it(
@@ -85,6 +103,16 @@ def test_serve_starts_a_worker_and_env_down_stops_it(
         rollback_schema = deployments["rollback"].parameter_openapi_schema
         assert rollback_schema["required"] == ["model"]
         assert deployments["rollback"].schedules == []
+        assert deployments["reevaluate"].global_concurrency_limit is not None
+        assert deployments["reevaluate"].global_concurrency_limit.limit == 1
+        (schedule,) = deployments["reevaluate"].schedules
+        assert schedule.active
+        assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 * * * *", "UTC")
+
+        # The schedule's runs are runs of the deployment on the worker: one, started now,
+        # completes there (no model is deployed in this state dir, so it judges none).
+        state = _run_deployment(prefect_server, "reevaluate/reevaluate", timeout_s=240)
+        assert state.is_completed(), state
 
         # A second `gantry serve` finds everything up and changes nothing.
         again = _gantry(env, "serve", "--deployment", "release", timeout=240)

@@ -10,13 +10,16 @@ written when no reliability test ran.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
+from uuid import UUID
 
+import anyio
 import httpx
 import pytest
 
@@ -25,6 +28,7 @@ from tests.support import REPO_ROOT, GantryEnv, PrefectServer
 RESULTS = REPO_ROOT / ".gantry" / "reliability"
 RESULTS_FILE = RESULTS / "results.json"
 _RETRY = re.compile(r"Retry (\d+)/(\d+) will start")
+T = TypeVar("T")
 
 
 @dataclass
@@ -167,27 +171,58 @@ def hub_faults(gantry_env: GantryEnv) -> Iterator[HubFaults]:
         faults.clear()
 
 
-class RetryLog(logging.Handler):
-    """Prefect's task-run log lines, where its retry decisions are written."""
+class RetryLog:
+    """Runs stage tasks inside a real flow run and reads Prefect's retry decisions back
+    from the Prefect server's log store, where a person looking at the run sees them."""
 
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
+        self.flow_runs: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+    def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (a stage task call) inside a flow run of its own."""
+        from prefect import flow
+        from prefect.runtime import flow_run
+
+        @flow(name="fault-injection", persist_result=False)
+        def fault_injection() -> T:
+            self.flow_runs.append(str(flow_run.get_id()))
+            return fn()
+
+        return fault_injection()
 
     def retries(self) -> list[str]:
-        """The "Retry n/m will start …" lines, in order."""
-        return [r.getMessage() for r in self.records if _RETRY.search(r.getMessage())]
+        """The "Retry n/m will start …" lines of the flow runs, in order, as stored by
+        the Prefect server (read until two reads agree: logs are shipped in batches)."""
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # blocks until the queued log batches are sent
+        last: list[str] | None = None
+        deadline = time.monotonic() + 20
+        while True:
+            now = [m for m in self._messages() if _RETRY.search(m)]
+            if now == last or time.monotonic() > deadline:
+                return now
+            last = now
+            time.sleep(1.0)
+
+    def _messages(self) -> list[str]:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        async def read() -> list[str]:
+            async with get_client() as client:
+                logs = await client.read_logs(
+                    LogFilter(
+                        flow_run_id=LogFilterFlowRunId(any_=[UUID(i) for i in self.flow_runs])
+                    ),
+                    sort=LogSort.TIMESTAMP_ASC,
+                )
+            return [log.message for log in logs]
+
+        return anyio.run(read) if self.flow_runs else []
 
 
 @pytest.fixture
-def retry_log() -> Iterator[RetryLog]:
-    handler = RetryLog()
-    logger = logging.getLogger("prefect.task_runs")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
+def retry_log(prefect_api: str) -> RetryLog:
+    return RetryLog()

@@ -2,7 +2,7 @@
 to the end.
 
 One release is killed at each point in turn (mid-weights, mid-build, just after build,
-mid-smoke, mid-evaluate, mid-register): every run resumes what the run before it was
+mid-smoke, mid-evaluate, mid-register, mid-canary): every run resumes what the run before it was
 killed in, and is itself killed further on; the last run finishes. So each kill is
 followed by a run that must resume past it (the stages finished before the kill are
 ``cached``, what the kill left behind is cleaned up as the stage is run again) and the
@@ -10,7 +10,8 @@ recovery itself is crash-tested. The killed runs are real CLI processes: their w
 process group (trivy and any other child) dies at once, with nothing flushed or cleaned.
 At the end there must be exactly one MLflow run and model version for the release, one
 pushed build tag, no container of the release other than its deployment, no scratch or
-temp file, and the release must verify.
+temp file, one network and router whose weights put the champion at 100 %, and the release
+must verify.
 """
 
 from __future__ import annotations
@@ -180,6 +181,12 @@ POINTS = {
         "killed mid-register (the release's MLflow run created, the version not yet)",
         lambda env, rid, since: _mlflow_run_created(env, rid),
     ),
+    "mid-canary": Point(
+        "canary",
+        False,
+        "killed mid-canary (router up, the new version's server started, no traffic yet)",
+        lambda env, rid, since: _running(env, rid, "deploy"),
+    ),
 }
 
 
@@ -244,6 +251,36 @@ def _leftovers(env: CrashEnv, record: ReleaseRecord) -> dict[str, str]:
         for p in (env.state / sub).rglob(".*"):
             if p.name.endswith(".tmp") or p.name.startswith(".oid-"):
                 found[str(p)] = f"temp file {p.relative_to(env.state)}"
+    return found
+
+
+def _deployment_inconsistencies(env: CrashEnv, record: ReleaseRecord) -> list[str]:
+    """The live deployment must be what its status says: one network and one router for
+    the model, the champion's server running with all the router's weight, nothing else."""
+    import json
+
+    from gantry.adapters.haproxy import RuntimeAPI
+
+    (status_file,) = (env.state / "deployments").glob(f"gantry-{record.model}-*/status.json")
+    status = json.loads(status_file.read_text())
+    name = status_file.parent.name
+    found = []
+    if status.get("candidate") is not None or status["canary"]["phase"] != "succeeded":
+        found.append(f"the deployment is left in canary phase {status['canary']['phase']}")
+    networks = env.docker.networks.list(names=[name])
+    if len(networks) != 1:
+        found.append(f"{len(networks)} networks named {name}")
+    live = env.docker.api.containers(all=True, filters={"label": f"ai.gantry.deployment={name}"})
+    roles = sorted((c["Labels"].get("ai.gantry.role"), c["State"]) for c in live)
+    if roles != [("router", "running"), ("server", "running")]:
+        found.append(f"deployment containers {roles}")
+    router = next((c for c in live if c["Labels"].get("ai.gantry.role") == "router"), None)
+    if router is not None:
+        port = next(p["PublicPort"] for p in router["Ports"] if p["PrivatePort"] == 9999)
+        weights = RuntimeAPI("127.0.0.1", port).weights()
+        champ = status["champion"]["slot"]
+        if weights.get(champ) != 100 or any(w for s, w in weights.items() if s != champ):
+            found.append(f"router weights {weights}, champion in slot {champ}")
     return found
 
 
@@ -371,14 +408,19 @@ def test_a_release_killed_at_every_point_resumes_cleanly(
         assert record.status == StageStatus.SUCCEEDED
         resumed(record, time.monotonic() - t0)
 
-        problems = [*_leftovers(crash_env, record).values(), *_duplicates(crash_env, record)]
+        problems = [
+            *_leftovers(crash_env, record).values(),
+            *_duplicates(crash_env, record),
+            *_deployment_inconsistencies(crash_env, record),
+        ]
         assert not problems, problems
         scenario.data_lost = _lost(record_path)
         assert scenario.data_lost == []
         scenario.outcome = (
             f"the last run finished in {time.monotonic() - t0:.0f}s; one MLflow run and "
             "version, one build tag, the release verifies, no container, scratch or temp file "
-            "left, every killed run's record kept in the history"
+            "left, one network and router with the champion at 100 %, every killed run's "
+            "record kept in the history"
         )
     finally:
         crash_env.remove_deployments()

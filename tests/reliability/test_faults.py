@@ -157,7 +157,7 @@ def test_transient_hub_fault_is_retried(
     hub_faults.add(**case.rule)
     store = tmp_path / "weights"
 
-    result = with_retries(weights_task, POLICY)(spec.source, str(store))
+    result = retry_log.run(lambda: with_retries(weights_task, POLICY)(spec.source, str(store)))
 
     assert not result.cached and result.downloaded_files == result.file_count
     assert hub_faults.pending() == [], "the fault was never hit"
@@ -189,7 +189,7 @@ def test_content_that_hashes_wrong_fails_at_once(
     store = tmp_path / "weights"
     t0 = time.monotonic()
     with pytest.raises(ChecksumMismatchError) as info:
-        with_retries(weights_task, POLICY)(spec.source, str(store))
+        retry_log.run(lambda: with_retries(weights_task, POLICY)(spec.source, str(store)))
     elapsed = time.monotonic() - t0
 
     assert "checksum mismatch for onnx/model.onnx" in info.value.message
@@ -218,7 +218,9 @@ def test_refused_token_fails_at_once(
     spec = _spec(gantry_env.repo_id, "rel-hub")
     hub_faults.add(mode="status", status=403, path_contains="/api/models", count=5)
     with pytest.raises(HubAuthError, match="403") as info:
-        with_retries(weights_task, POLICY)(spec.source, str(tmp_path / "weights"))
+        retry_log.run(
+            lambda: with_retries(weights_task, POLICY)(spec.source, str(tmp_path / "weights"))
+        )
     assert "HF_TOKEN" in str(info.value)  # the fix names the variable
     assert retry_log.retries() == []
     assert hub_faults.pending()[0]["count"] == 4, "asked the hub more than once"
@@ -286,7 +288,7 @@ def test_registry_down_during_push_is_retried(
     service = registry_service(settings)
     stop, downtime = _outage(service.stop, service.start, down_s=1.0)
     with _on_log("gantry.build", "pushing ", stop) as trigger:
-        build = with_retries(build_task, spec.retries)(spec, weights)
+        build = retry_log.run(lambda: with_retries(build_task, spec.retries)(spec, weights))
 
     assert trigger.fired == 1 and downtime, "the registry was never stopped mid-push"
     retries = retry_log.retries()
@@ -378,7 +380,9 @@ def test_container_killed_on_first_start_is_started_again(
     s = signed
     caplog.set_level(logging.INFO, logger="gantry.smoke")
     with _kill_first_start(engine, s.spec.release_id) as killed:
-        result = with_retries(smoke_task, s.spec.retries)(s.spec, s.build, s.weights, s.sign)
+        result = retry_log.run(
+            lambda: with_retries(smoke_task, s.spec.retries)(s.spec, s.build, s.weights, s.sign)
+        )
 
     assert len(killed) == 1
     assert result.attempts == 2 and result.container_id != killed[0]
@@ -401,7 +405,9 @@ def test_container_that_always_exits_fails_with_its_log(
     spec = _spec(s.spec.source.repo_id, NAME, runtime={"env": {"GANTRY_DEVICE": "tpu"}})
     t0 = time.monotonic()
     with pytest.raises(ContainerStartError) as info:
-        with_retries(smoke_task, spec.retries)(spec, s.build, s.weights, s.sign)
+        retry_log.run(
+            lambda: with_retries(smoke_task, spec.retries)(spec, s.build, s.weights, s.sign)
+        )
     elapsed = time.monotonic() - t0
 
     assert info.value.exit_code == 2
@@ -496,8 +502,10 @@ def test_mlflow_unreachable_during_register_is_retried(
         caplog.set_level(logging.INFO, logger="gantry.register")
         cut, downtime = _outage(gate.close, gate.open, down_s=1.0)
         with _on_log("gantry.register", "created MLflow run", cut) as trigger:
-            result = with_retries(register_task, spec.retries)(
-                spec, s.weights, s.build, s.scan, s.sign
+            result = retry_log.run(
+                lambda: with_retries(register_task, spec.retries)(
+                    spec, s.weights, s.build, s.scan, s.sign
+                )
             )
     assert trigger.fired == 1 and downtime
 

@@ -96,6 +96,8 @@ EXPECTED: dict[str, Kind] = {
     "WebhookContentTypeError": "permanent",
     "WebhookParameterError": "permanent",
     "WebhookConflictError": "permanent",
+    "WebhookTimeoutError": "permanent",
+    "ReleaseInProgressError": "permanent",
     "TriggerUnavailableError": "transient",
     # canary (router, deployment target)
     "RouterError": "permanent",

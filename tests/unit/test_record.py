@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
-from gantry.record import Recorder, StageStatus, load_record
+from gantry.errors import ReleaseInProgressError
+from gantry.record import Recorder, StageStatus, load_record, one_run_at_a_time
 from gantry.spec import parse_spec
 
 pytestmark = pytest.mark.unit
@@ -59,3 +64,36 @@ def test_failed_stage_is_not_reused_and_later_stages_are_skipped(tmp_path: Path)
 
     Recorder(tmp_path, SPEC, flow_run_id=None).run_stage("smoke", ok, reuse=(Out, "k"))
     assert calls == [1]
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from gantry.record import one_run_at_a_time
+with one_run_at_a_time(Path(sys.argv[1]), sys.argv[2]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_of_a_release_is_refused_until_the_first_is_gone(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path), SPEC.release_id],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        with (
+            pytest.raises(ReleaseInProgressError) as info,
+            one_run_at_a_time(tmp_path, SPEC.release_id),
+        ):
+            pass
+        assert f"pid {holder.pid}" in info.value.message and "fix:" in str(info.value)
+        with one_run_at_a_time(tmp_path, "another-release"):
+            pass  # other releases are not held up
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
+        holder.wait(timeout=30)
+    with one_run_at_a_time(tmp_path, SPEC.release_id):
+        pass

@@ -189,3 +189,61 @@ def test_neither_secret_nor_signature_is_logged(
 
 def test_health(client: TestClient) -> None:
     assert client.get("/health").json() == {"ok": True}
+
+
+def test_a_body_that_trickles_in_is_cut_off_with_408(
+    tmp_path: Path, starter: RecordingStarter
+) -> None:
+    """A client sending its body slower than read_timeout_s cannot hold the receiver."""
+    import anyio
+
+    config = WebhookConfig(spec_root=REPO_ROOT, read_timeout_s=0.3)
+
+    @contextlib.asynccontextmanager
+    async def factory() -> AsyncIterator[RunStarter]:
+        yield starter
+
+    app = create_app(
+        config, secret=SECRET, store=DeliveryStore(tmp_path / "d.sqlite3"), starter=factory
+    )
+    body = json.dumps({"spec_path": DEMO}).encode()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": body[:10], "more_body": True}
+        await anyio.sleep(30)  # the rest never comes in time
+        return {"type": "http.request", "body": body[10:], "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/webhook",
+        "raw_path": b"/webhook",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"x-gantry-signature", sign(body, SECRET).encode()),
+            (b"x-gantry-delivery", b"slow"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def run() -> float:
+        t0 = anyio.current_time()
+        with anyio.fail_after(10):
+            await app(scope, receive, send)
+        return anyio.current_time() - t0
+
+    elapsed = anyio.run(run)
+    (start,) = [m for m in sent if m.get("type") == "http.response.start"]
+    assert start["status"] == 408
+    assert elapsed < 5
+    assert starter.calls == []
