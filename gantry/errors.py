@@ -514,6 +514,10 @@ class RouterUnavailableError(TransientError):
     """The router (its container or its runtime API) does not answer."""
 
 
+class DeploymentStatusUnreadableError(ConfigError):
+    """A deployment's status file is damaged; `gantry rollback` rebuilds it from what runs."""
+
+
 class DeploymentNotFoundError(PermanentError):
     """There is no deployment of the model on this target (nothing to roll back)."""
 

@@ -36,7 +36,7 @@ from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.adapters import containers, docker_engine
-from gantry.adapters.haproxy import AccessRecord, Slot
+from gantry.adapters.haproxy import FRONTEND_PORT, AccessRecord, Slot
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from gantry.canary import (
     CanaryStatus,
@@ -51,7 +51,13 @@ from gantry.canary import (
     judge,
     now,
 )
-from gantry.deploy.docker import VERSION_LABEL, DockerTarget
+from gantry.deploy.docker import (
+    DEPLOYMENT_LABEL,
+    ROLE_LABEL,
+    SLOT_LABEL,
+    VERSION_LABEL,
+    DockerTarget,
+)
 from gantry.deploy.probes import Prober
 from gantry.deploy.router import Launch
 from gantry.deploy.state import DeploymentStatus, DeploymentStore, Served
@@ -61,6 +67,7 @@ from gantry.errors import (
     ChampionUnavailableError,
     ConfigError,
     DeploymentNotFoundError,
+    DeploymentStatusUnreadableError,
     EvalSetError,
     GantryError,
 )
@@ -912,7 +919,11 @@ def rollback_model(
         )
     client = client or docker_engine.connect(settings.docker_timeout_s)
     with store.lock(wait_s, "gantry rollback"):
-        status = store.load()
+        try:
+            status = store.load()
+        except DeploymentStatusUnreadableError as exc:
+            log.warning("%s; rebuilding it from the running containers", exc.message)
+            status = _status_from_engine(store, client, settings, tracking_uri)
         champ = status.champion
         spec = _spec_of(status, tracking_uri)
         target = _target(client, store, status, spec, settings)
@@ -965,6 +976,82 @@ def rollback_model(
         return _rolled(
             model, "restored-champion" if started else "nothing-to-do", status, None, target, t0
         )
+
+
+def _status_from_engine(
+    store: DeploymentStore,
+    client: docker_engine.DockerClient,
+    settings: Settings,
+    tracking_uri: str | None,
+) -> DeploymentStatus:
+    """A deployment's status rebuilt from what runs: each server's labels (version,
+    release, slot) and image, the router's port, and MLflow's `champion` alias to tell the
+    champion from a candidate (whose interrupted canary the rollback then aborts). The
+    damaged file is kept beside the new one."""
+    found = client.containers.list(all=True, filters={"label": f"{DEPLOYMENT_LABEL}={store.name}"})
+    servers: list[Served] = []
+    port = None
+    for c in found:
+        labels = c.labels or {}
+        if labels.get(ROLE_LABEL) == "router":
+            # The port Docker bound (it may have picked it), else the one asked for.
+            for where in (
+                c.attrs.get("NetworkSettings", {}).get("Ports"),
+                c.attrs.get("HostConfig", {}).get("PortBindings"),
+            ):
+                bound = (where or {}).get(f"{FRONTEND_PORT}/tcp") or [{}]
+                if bound[0].get("HostPort"):
+                    port = int(bound[0]["HostPort"])
+                    break
+        elif labels.get(ROLE_LABEL) == "server":
+            rid = labels[containers.RELEASE_LABEL]
+            servers.append(
+                Served(
+                    version=labels[VERSION_LABEL],
+                    release_id=rid,
+                    record=str(record_path(settings.releases_dir, rid)),
+                    image=str(c.attrs["Config"]["Image"]),
+                    slot=Slot(labels[SLOT_LABEL]),
+                )
+            )
+    if not servers:
+        raise DeploymentNotFoundError(
+            f"{store.model}'s status is unreadable and no server of it is running",
+            fix=f"move {store.path} aside and release the champion's spec again",
+        )
+    spec = _spec_of(
+        DeploymentStatus(model=store.model, name=store.name, champion=servers[0]), tracking_uri
+    )
+    alias = open_registry(spec, settings).get_alias_version(store.model, CHAMPION)
+    champ = next((s for s in servers if alias is not None and s.version == alias.version), None)
+    if champ is None:
+        raise DeploymentNotFoundError(
+            f"{store.model}'s status is unreadable and none of its running versions "
+            f"({', '.join(s.version for s in servers)}) is MLflow's champion",
+            fix=f"move {store.path} aside and release the champion's spec again",
+        )
+    status = DeploymentStatus(
+        model=store.model,
+        name=store.name,
+        port=port,
+        runtime_port=spec.runtime.port,
+        health_path=spec.runtime.health_path,
+        champion=champ,
+        candidate=next((s for s in servers if s is not champ), None),
+    )
+    if status.candidate is not None:
+        # Whatever it was doing, it was not finished: the rollback aborts it.
+        status.canary = CanaryStatus(
+            model=store.model,
+            release_id=status.candidate.release_id,
+            candidate_version=status.candidate.version,
+            champion_version=champ.version,
+            steps=spec.canary.steps,
+        )
+    kept = store.set_aside()
+    store.save(status)
+    log.warning("kept the unreadable status as %s; rebuilt it from the containers", kept)
+    return status
 
 
 def _spec_of(status: DeploymentStatus, tracking_uri: str | None) -> ReleaseSpec:

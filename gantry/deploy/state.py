@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gantry.adapters.haproxy import Slot
 from gantry.atomicfile import write_atomic
 from gantry.canary import CanaryStatus, now
-from gantry.errors import CanaryLockedError, ConfigError
+from gantry.errors import CanaryLockedError, ConfigError, DeploymentStatusUnreadableError
 from gantry.locks import exclusive
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,18 @@ class DeploymentStore:
         try:
             status = DeploymentStatus.model_validate_json(self.path.read_bytes())
         except ValueError as exc:
-            raise ConfigError(
+            raise DeploymentStatusUnreadableError(
                 f"deployment status {self.path} is unreadable: {exc}",
-                fix=f"move it aside and run `gantry rollback {self.model}` to rebuild it from "
-                "the running containers and MLflow",
+                fix=f"run `gantry rollback {self.model}`: it keeps the damaged file beside it "
+                "and rebuilds the status from the running containers and MLflow's champion",
             ) from None
         return status
+
+    def set_aside(self) -> Path:
+        """Move the (damaged) status file out of the way, kept under a new name."""
+        kept = self.path.with_name(f"status.json.unreadable-{now().strftime('%Y%m%dT%H%M%S%f')}")
+        self.path.replace(kept)
+        return kept
 
     def save(self, status: DeploymentStatus) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -332,6 +332,18 @@ def test_killed_mid_canary_then_rollback_leaves_the_champion_at_100(
     out, _ = last.communicate(timeout=300)
     assert last.returncode == 0 and json.loads(out)["action"] == "nothing-to-do"
 
+    # A damaged status file: the rollback keeps it aside and rebuilds the status from the
+    # running containers' labels and MLflow's champion alias.
+    status_file = next((gantry_env.state_dir / "deployments").glob(f"gantry-{MODEL}-*/status.json"))
+    status_file.write_text('{"model": "truncated')
+    mended = _popen(env, "rollback", MODEL)
+    out, err = mended.communicate(timeout=300)
+    assert mended.returncode == 0, err[-3000:]
+    assert json.loads(out)["action"] == "nothing-to-do"
+    assert _status(gantry_env)["champion"]["version"] == previous
+    (kept,) = status_file.parent.glob("status.json.unreadable-*")
+    assert kept.read_text() == '{"model": "truncated'
+
     # A champion whose container died: a canary refuses to compare against it (the
     # release fails naming the fix), and `gantry rollback` starts it again at 100 %.
     champ = _status(gantry_env)["champion"]

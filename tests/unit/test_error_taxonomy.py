@@ -98,6 +98,7 @@ EXPECTED: dict[str, Kind] = {
     "WebhookConflictError": "permanent",
     "WebhookTimeoutError": "permanent",
     "ReleaseInProgressError": "permanent",
+    "DeploymentStatusUnreadableError": "permanent",
     "TriggerUnavailableError": "transient",
     # canary (router, deployment target)
     "RouterError": "permanent",
