@@ -59,7 +59,7 @@ from gantry.deploy.docker import (
     DockerTarget,
 )
 from gantry.deploy.probes import Prober
-from gantry.deploy.router import Launch
+from gantry.deploy.router import Launch, Target
 from gantry.deploy.state import DeploymentStatus, DeploymentStore, Served
 from gantry.errors import (
     ApprovalRejectedError,
@@ -259,7 +259,7 @@ class Deployment:
         self,
         store: DeploymentStore,
         status: DeploymentStatus,
-        target: DockerTarget,
+        target: Target,
         registry: MlflowRegistry,
         settings: Settings,
         client: docker_engine.DockerClient,
@@ -479,7 +479,7 @@ def _target(
     status: DeploymentStatus,
     spec: ReleaseSpec,
     settings: Settings,
-) -> DockerTarget:
+) -> Target:
     if spec.canary.target is not DeployTarget.DOCKER:  # pragma: no cover - one target so far
         raise ConfigError(f"unknown deploy target {spec.canary.target!r}")
     rt = spec.runtime
@@ -598,9 +598,9 @@ def _down(dep: Deployment, slot: Slot) -> str | None:
     state = dep.target.state(slot)
     if not state.running:
         return f"the candidate's container stopped: {state.detail}"
-    stat = dep.target.api().stats().get(slot.value)
-    if stat is not None and not stat.up and not stat.status.startswith("NOLB"):
-        return f"the router's health check sees the candidate {stat.status}"
+    routed = dep.target.routed(slot)
+    if routed is not None and not routed.up and not routed.parked:
+        return f"the router's health check sees the candidate {routed.detail}"
     return None
 
 
@@ -1072,7 +1072,7 @@ def _rolled(
     action: Literal["aborted-canary", "restored-previous", "restored-champion", "nothing-to-do"],
     status: DeploymentStatus,
     removed: str | None,
-    target: DockerTarget,
+    target: Target,
     t0: float,
 ) -> RollbackResult:
     return RollbackResult(

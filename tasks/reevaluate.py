@@ -49,6 +49,7 @@ from gantry.adapters import docker_engine
 from gantry.adapters.haproxy import PROBE_HEADER, ROUTE_HEADER, Slot, slot_host
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from gantry.adapters.registry import RegistryClient
+from gantry.deploy import router as deploy_router
 from gantry.deploy.docker import VERSION_LABEL, DockerTarget
 from gantry.deploy.state import DeploymentStatus, DeploymentStore
 from gantry.errors import (
@@ -489,7 +490,7 @@ def _container_attrs(client: docker_engine.DockerClient, name: str) -> dict[str,
         raise EndpointUnavailableError(f"cannot inspect container {name}: {exc}") from None
 
 
-def _require_serving(target: DockerTarget, slot: Slot) -> None:
+def _require_serving(target: deploy_router.Target, slot: Slot) -> None:
     """The router sees the champion's slot up; else the router would send the eval set
     elsewhere (or nowhere), so it must not be scored."""
     state = target.state(slot)
@@ -498,11 +499,11 @@ def _require_serving(target: DockerTarget, slot: Slot) -> None:
             f"the champion's container {target.server_name(slot)} is not running ({state.detail})",
             fix=f"`gantry rollback {target.model}` starts the champion again",
         )
-    stat = target.api().stats().get(slot.value)
-    if stat is None or not stat.up:
+    routed = target.routed(slot)
+    if routed is None or not routed.up:
         raise EndpointUnavailableError(
             f"the router does not see the champion's slot {slot.value} as up "
-            f"({stat.status if stat else 'no such server'})",
+            f"({routed.detail if routed else 'no such server'})",
             fix=f"check `docker logs {target.server_name(slot)}`; `gantry rollback "
             f"{target.model}` starts the champion again",
         )

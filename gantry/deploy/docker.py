@@ -38,7 +38,7 @@ from gantry.adapters.haproxy import (
     slot_host,
 )
 from gantry.atomicfile import write_atomic
-from gantry.deploy.router import Launch
+from gantry.deploy.router import Launch, RoutedState
 from gantry.deploy.router import ServerState as SlotState
 from gantry.errors import (
     ContainerEngineError,
@@ -365,6 +365,13 @@ class DockerTarget:
 
     def readmit(self, slot: Slot) -> None:
         self.api().set_state(slot, ServerState.READY)
+
+    def routed(self, slot: Slot) -> RoutedState | None:
+        stat = self.api().stats().get(slot.value)
+        if stat is None:
+            return None
+        parked = stat.status.startswith(("NOLB", "MAINT", "DRAIN"))
+        return RoutedState(up=stat.up, parked=parked, detail=stat.status)
 
     def wait_server_up(self, slot: Slot, deadline_s: float) -> None:
         """Until the router's health check sees ``slot`` UP (it resolves and answers)."""

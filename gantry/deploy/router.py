@@ -41,6 +41,17 @@ class ServerState:
     detail: str  # e.g. "running", "exited with code 137 (OOM)", "missing"
 
 
+@dataclass(frozen=True)
+class RoutedState:
+    """A slot as the router's own health check sees it."""
+
+    up: bool
+    #: Whether the slot is deliberately out of rotation (drained or in maintenance), as
+    #: opposed to failing its health check.
+    parked: bool
+    detail: str  # e.g. "UP", "DOWN 1/2 (L7STS 503)", "MAINT"
+
+
 class Router(Protocol):
     """Routes the model's endpoint to the two slots by weight (percent)."""
 
@@ -48,6 +59,23 @@ class Router(Protocol):
     def endpoint(self) -> str:
         """The model's URL, e.g. ``http://127.0.0.1:8090``."""
         ...
+
+    @property
+    def port(self) -> int | None:
+        """The endpoint's port, once the router runs (kept for the deployment's life)."""
+        ...
+
+    def router_running(self) -> bool:
+        """Whether the router itself is up."""
+        ...
+
+    def routed(self, slot: Slot) -> RoutedState | None:
+        """How the router's health check sees ``slot`` (None: it has no such server)."""
+        ...
+
+    def wait_server_up(self, slot: Slot, deadline_s: float) -> None:
+        """Until the router's health check sees ``slot`` up; RouterError after
+        ``deadline_s``."""
 
     def ensure(self, weights: Mapping[Slot, int]) -> None:
         """Create the router (with ``weights``) if it is missing or dead; else keep it."""
@@ -80,3 +108,17 @@ class ModelServers(Protocol):
 
     def remove(self, slot: Slot) -> None:
         """Stop and remove the slot's server; idempotent."""
+
+    def server_name(self, slot: Slot) -> str:
+        """The slot's server as an operator finds it (a container or pod name)."""
+        ...
+
+    def logs(self, slot: Slot, tail: int = 40) -> str:
+        """The last ``tail`` lines the slot's server logged ("" when there is none)."""
+        ...
+
+
+class Target(Router, ModelServers, Protocol):
+    """A deploy target: one model's router and its servers."""
+
+    model: str
