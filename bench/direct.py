@@ -7,6 +7,7 @@ retries). The baseline that `bench/run.py` compares `gantry release` with.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ def main() -> None:
     spec = load_spec(Path(sys.argv[1]))
     compose(spec, plain, flow_run_id=None)
     print(record_path(get_settings().releases_dir, spec.release_id))
+    gc.freeze()  # as `gantry` does: no garbage collection of everything at exit
 
 
 if __name__ == "__main__":

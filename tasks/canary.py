@@ -533,13 +533,15 @@ def analyse_step(
     """One analysis window at ``weight``: returns as soon as a check fails, else at the
     window's end with the final judgement."""
     opts = spec.canary
-    started = now()
-    # Quality first, before the window's clock starts: its eval-set batches would queue
-    # the small requests behind them and skew the latency comparison. It also warms the
+    started, t0 = now(), time.monotonic()
+    # Quality first, inside the window: its eval-set batches would queue the small
+    # requests behind them and skew the latency comparison, so the traffic checks observe
+    # what comes after it (the rest of the window, at least half of it). It also warms the
     # candidate up, as live traffic would.
     quality = prober.quality(cand, champ, opts.quality_probes)
-    t0 = time.monotonic()
-    dep.target.observe()  # what came before this window belongs to no window
+    dep.target.observe()  # what came before belongs to no traffic check
+    t_obs = time.monotonic()
+    end = max(t0 + opts.window_s, t_obs + opts.window_s / 2)
     acc = {cand.value: _Acc(), champ.value: _Acc()}
     synthetic = 0
     # Probes run beside the checks: a probe stuck on a dying candidate must not delay the
@@ -547,7 +549,7 @@ def analyse_step(
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="canary-probe") as pool:
         while True:
             tick = time.monotonic()
-            final = tick - t0 >= opts.window_s
+            final = tick >= end
             # The candidate's state first: a crash is the most urgent thing to notice.
             down = _down(dep, cand)
             champ_state = dep.target.state(champ)
@@ -586,7 +588,9 @@ def analyse_step(
                     champion_requests=obs.champion.requests,
                     synthetic_requests=synthetic,
                 )
-            due = probes_wanted(opts.min_requests, tick - t0, opts.window_s, obs.candidate.requests)
+            due = probes_wanted(
+                opts.min_requests, tick - t_obs, end - t_obs, obs.candidate.requests
+            )
             for _ in range(min(due, max(1, int(opts.probe_rps * opts.interval_s)))):
                 pool.submit(prober.synthetic, cand)
                 pool.submit(prober.synthetic, champ)

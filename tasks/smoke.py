@@ -14,14 +14,16 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import httpx2
-import openai
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import openai
 
 from gantry.adapters import containers, docker_engine
 from gantry.errors import (
@@ -196,6 +198,10 @@ def runtime_env(spec: ReleaseSpec) -> dict[str, str]:
 
 
 def _openai(base_url: str, timeout_s: float) -> openai.OpenAI:
+    # Imported here: a second of start-up that only a probe needs (a resumed release whose
+    # smoke is re-used never does).
+    import openai
+
     # trust_env=False: an HTTP(S)_PROXY must not capture loopback; no retries, so a
     # failing probe fails once with its real error.
     return openai.OpenAI(
@@ -217,6 +223,8 @@ class EmbeddingsProbe:
 
     def probe(self, base_url: str, options: SmokeOptions) -> ProbeResult:
         t0 = time.monotonic()
+        import openai
+
         client = _openai(base_url, self.timeout_s)
         try:
             resp = client.embeddings.create(model=self.model, input=[*SIMILAR, DISSIMILAR])
@@ -247,6 +255,8 @@ class ChatProbe:
         t0 = time.monotonic()
         ttft: float | None = None
         parts: list[str] = []
+        import openai
+
         client = _openai(base_url, self.timeout_s)
         try:
             stream = client.chat.completions.create(

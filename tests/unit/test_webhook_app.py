@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +207,7 @@ def test_a_body_that_trickles_in_is_cut_off_with_408(
         config, secret=SECRET, store=DeliveryStore(tmp_path / "d.sqlite3"), starter=factory
     )
     body = json.dumps({"spec_path": DEMO}).encode()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         if not sent:
@@ -216,7 +216,7 @@ def test_a_body_that_trickles_in_is_cut_off_with_408(
         await anyio.sleep(30)  # the rest never comes in time
         return {"type": "http.request", "body": body[10:], "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     scope = {
