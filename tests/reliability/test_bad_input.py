@@ -388,3 +388,160 @@ def test_symlink_in_cached_snapshot_is_refused(
     with pytest.raises(ChecksumMismatchError, match="does not list"):
         fetch_weights(source, store)
     scenario.outcome = "ChecksumMismatchError naming the file (and an added file too)"
+
+
+# --- webhook deliveries --------------------------------------------------------------------------
+
+_WEBHOOK_SECRET = b"fuzz-secret-0f3c9a7e"
+_spec_paths = st.sampled_from(
+    [
+        "examples/minilm-demo.yaml",
+        "examples/minilm-degraded.yaml",
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "examples/../../outside.yaml",
+        "examples/eval/minilm-retrieval.jsonl",
+        "",
+        "examples/nope.yaml",
+    ]
+) | st.text(max_size=60)
+_override_keys = st.sampled_from(
+    ["source.revision", "name", "scan.severity", "canary.steps", "evaluate.threshold", "x.y"]
+) | st.text(max_size=20)
+_generic = st.fixed_dictionaries(
+    {},
+    optional={
+        "spec_path": _spec_paths,
+        "spec": st.dictionaries(st.text(max_size=10), _values, max_size=4) | _values,
+        "overrides": st.dictionaries(_override_keys, _values, max_size=4) | _values,
+        "tags": st.lists(st.text(max_size=20), max_size=4) | _values,
+    },
+)
+_github = st.fixed_dictionaries(
+    {
+        "action": st.sampled_from(["published", "created", "deleted", "completed"]) | _scalars,
+        "repository": st.fixed_dictionaries({"full_name": st.sampled_from(["acme/minilm"])})
+        | _values,
+    },
+    optional={
+        "release": st.fixed_dictionaries({"tag_name": st.text(max_size=30) | _scalars}) | _values,
+        "workflow_run": st.fixed_dictionaries(
+            {"conclusion": st.sampled_from(["success", "failure"]) | _scalars}
+        )
+        | _values,
+    },
+)
+
+
+# Well-formed deliveries too, so that accepted ones (and the runs they start) are exercised.
+_well_formed = st.fixed_dictionaries(
+    {"spec_path": st.sampled_from(["examples/minilm-demo.yaml", "examples/minilm-degraded.yaml"])},
+    optional={
+        "overrides": st.fixed_dictionaries(
+            {}, optional={"source.revision": st.sampled_from(["v2", "main"]) | st.text(max_size=12)}
+        )
+    },
+).map(lambda d: ("generic", d)) | st.fixed_dictionaries(
+    {
+        "action": st.just("published"),
+        "repository": st.just({"full_name": "acme/minilm"}),
+        "release": st.fixed_dictionaries({"tag_name": st.text(max_size=16)}),
+    }
+).map(lambda d: ("github", d))
+
+
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, Path]]:
+    """The receiver with a recording run starter: (client, starter, delivery store dir)."""
+    from starlette.testclient import TestClient
+
+    from gantry.webhook.app import create_app
+    from gantry.webhook.config import GitHubRoute, WebhookConfig
+    from gantry.webhook.store import DeliveryStore
+    from tests.unit.test_webhook_app import RecordingStarter
+
+    store_dir = tmp_path_factory.mktemp("webhook")
+    config = WebhookConfig(
+        spec_root=REPO_ROOT,
+        max_body_bytes=4096,
+        github={"acme/minilm": GitHubRoute(spec="examples/minilm-demo.yaml")},
+    )
+    starter = RecordingStarter()
+
+    @contextlib.asynccontextmanager
+    async def factory() -> Any:
+        yield starter
+
+    app = create_app(
+        config,
+        secret=_WEBHOOK_SECRET,
+        store=DeliveryStore(store_dir / "deliveries.sqlite3"),
+        starter=factory,
+    )
+    with TestClient(app) as client:
+        yield client, starter, store_dir
+
+
+_WEBHOOK_TALLY: dict[str, dict[int, int]] = {}
+
+
+@FUZZ
+@given(
+    payload=_well_formed
+    | _generic.map(lambda d: ("generic", d))
+    | _github.map(lambda d: ("github", d))
+    | st.binary(max_size=600).map(lambda b: ("bytes", b))
+)
+def test_webhook_payloads_at_random_get_a_clear_answer(
+    payload: tuple[str, Any], webhook: tuple[Any, Any, Path], scenario: Scenario
+) -> None:
+    """Correctly signed deliveries with random content: each gets 202, or a 4xx naming the
+    problem; a refused one starts no run and is not stored; a run is only ever started
+    with a valid release spec, read from inside the spec root."""
+    from gantry.webhook.signature import sign
+
+    client, starter, store_dir = webhook
+    kind, data = payload
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "X-Gantry-Signature": sign(body, _WEBHOOK_SECRET),
+        "X-Gantry-Delivery": hashlib.sha256(body + kind.encode()).hexdigest()[:32],
+    }
+    if kind == "github":
+        headers["X-GitHub-Event"] = "workflow_run" if "workflow_run" in data else "release"
+    calls_before = len(starter.calls)
+    answer = client.post("/webhook", content=body, headers=headers)
+
+    assert answer.status_code in (202, 400, 413, 422), answer.text
+    reply = answer.json()
+    if answer.status_code == 202:
+        if "flow_run_id" in reply and not reply.get("duplicate"):
+            assert len(starter.calls) == calls_before + 1
+            parameters = starter.calls[-1][0]
+            ReleaseSpec.model_validate(parameters["spec"])  # a valid spec, nothing else
+        else:
+            assert len(starter.calls) == calls_before
+    else:
+        assert len(starter.calls) == calls_before, "a refused delivery started a run"
+        assert reply.get("error"), reply  # says what is wrong
+        if answer.status_code == 422:
+            assert reply.get("fields"), reply  # names the field
+    assert "Traceback" not in answer.text and _WEBHOOK_SECRET.decode() not in answer.text
+    assert {p.name for p in store_dir.iterdir()} <= {
+        "deliveries.sqlite3",
+        "deliveries.sqlite3-journal",
+        "deliveries.sqlite3-wal",
+        "deliveries.sqlite3-shm",
+    }
+
+    tally = _WEBHOOK_TALLY.setdefault(scenario.id, {})
+    tally[answer.status_code] = tally.get(answer.status_code, 0) + 1
+    scenario.group = "bad input"
+    scenario.title = (
+        f"random signed webhook deliveries: generic and GitHub payloads, raw bytes ({EXAMPLES})"
+    )
+    scenario.outcome = (
+        ", ".join(f"{n} answered {code}" for code, n in sorted(tally.items()))
+        + "; no 5xx, no run but for a valid spec read inside the spec root"
+    )
