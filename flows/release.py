@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
 from prefect import Task, flow
@@ -41,14 +42,14 @@ def compose(spec: ReleaseSpec, run: StageRunner, *, flow_run_id: str | None) -> 
     """The stages in order, each recorded, each handed the typed results before it."""
     settings = get_settings()
     with one_run_at_a_time(settings.releases_dir, spec.release_id):
-        return _stages(spec, run, Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id))
+        rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id)
+        return _stages(spec, run, rec, settings.weights_dir)
 
 
-def _stages(spec: ReleaseSpec, run: StageRunner, rec: Recorder) -> ReleaseRecord:
-    settings = get_settings()
+def _stages(spec: ReleaseSpec, run: StageRunner, rec: Recorder, weights_dir: Path) -> ReleaseRecord:
     policy = spec.retries
     weights = rec.run_stage(
-        "weights", lambda: run(weights_task, policy)(spec.source, str(settings.weights_dir))
+        "weights", lambda: run(weights_task, policy)(spec.source, str(weights_dir))
     )
     build = rec.run_stage("build", lambda: run(build_task, policy)(spec, weights))
     scan = rec.run_stage(

@@ -43,7 +43,7 @@ def sweep_stale(path: Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644, fsync: bool = True) -> None:
+def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically; ``mode`` is set before the file appears."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path)
@@ -54,9 +54,8 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644, fsync: boo
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # the umask may have narrowed it
             f.write(raw)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -309,7 +308,3 @@ class HubClient:
                     fut.result()  # the first failure stops the rest
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _fnmatch_escape(name: str) -> str:
-    return re.sub(r"([\[\]*?])", r"[\1]", name)
