@@ -36,7 +36,7 @@ from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.adapters import containers, docker_engine
-from gantry.adapters.haproxy import FRONTEND_PORT, AccessRecord, Slot
+from gantry.adapters.haproxy import AccessRecord, Slot
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from gantry.canary import (
     CanaryStatus,
@@ -51,13 +51,7 @@ from gantry.canary import (
     judge,
     now,
 )
-from gantry.deploy.docker import (
-    DEPLOYMENT_LABEL,
-    ROLE_LABEL,
-    SLOT_LABEL,
-    VERSION_LABEL,
-    DockerTarget,
-)
+from gantry.deploy.docker import VERSION_LABEL, DockerTarget, discover
 from gantry.deploy.probes import Prober
 from gantry.deploy.router import Launch, Target
 from gantry.deploy.state import DeploymentStatus, DeploymentStore, Served
@@ -992,32 +986,17 @@ def _status_from_engine(
     release, slot) and image, the router's port, and MLflow's `champion` alias to tell the
     champion from a candidate (whose interrupted canary the rollback then aborts). The
     damaged file is kept beside the new one."""
-    found = client.containers.list(all=True, filters={"label": f"{DEPLOYMENT_LABEL}={store.name}"})
-    servers: list[Served] = []
-    port = None
-    for c in found:
-        labels = c.labels or {}
-        if labels.get(ROLE_LABEL) == "router":
-            # The port Docker bound (it may have picked it), else the one asked for.
-            for where in (
-                c.attrs.get("NetworkSettings", {}).get("Ports"),
-                c.attrs.get("HostConfig", {}).get("PortBindings"),
-            ):
-                bound = (where or {}).get(f"{FRONTEND_PORT}/tcp") or [{}]
-                if bound[0].get("HostPort"):
-                    port = int(bound[0]["HostPort"])
-                    break
-        elif labels.get(ROLE_LABEL) == "server":
-            rid = labels[containers.RELEASE_LABEL]
-            servers.append(
-                Served(
-                    version=labels[VERSION_LABEL],
-                    release_id=rid,
-                    record=str(record_path(settings.releases_dir, rid)),
-                    image=str(c.attrs["Config"]["Image"]),
-                    slot=Slot(labels[SLOT_LABEL]),
-                )
-            )
+    running, port = discover(client, store.name)
+    servers = [
+        Served(
+            version=r.version,
+            release_id=r.release_id,
+            record=str(record_path(settings.releases_dir, r.release_id)),
+            image=r.image,
+            slot=r.slot,
+        )
+        for r in running
+    ]
     if not servers:
         raise DeploymentNotFoundError(
             f"{store.model}'s status is unreadable and no server of it is running",

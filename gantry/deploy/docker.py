@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -483,6 +484,44 @@ class DockerTarget:
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 net.remove()
         return n
+
+
+@dataclass(frozen=True)
+class RunningVersion:
+    """A model server of a deployment, as its container's labels describe it."""
+
+    version: str
+    release_id: str
+    image: str
+    slot: Slot
+
+
+def discover(client: DockerClient, name: str) -> tuple[list[RunningVersion], int | None]:
+    """The servers of deployment ``name`` (from their labels and images) and the port its
+    router publishes: what `gantry rollback` rebuilds a damaged status from."""
+    servers, port = [], None
+    for c in client.containers.list(all=True, filters={"label": f"{DEPLOYMENT_LABEL}={name}"}):
+        labels = c.labels or {}
+        if labels.get(ROLE_LABEL) == "router":
+            # The port Docker bound (it may have picked it), else the one asked for.
+            for where in (
+                c.attrs.get("NetworkSettings", {}).get("Ports"),
+                c.attrs.get("HostConfig", {}).get("PortBindings"),
+            ):
+                bound = (where or {}).get(f"{FRONTEND_PORT}/tcp") or [{}]
+                if bound[0].get("HostPort"):
+                    port = int(bound[0]["HostPort"])
+                    break
+        elif labels.get(ROLE_LABEL) == "server":
+            servers.append(
+                RunningVersion(
+                    version=labels[VERSION_LABEL],
+                    release_id=labels[containers.RELEASE_LABEL],
+                    image=str(c.attrs["Config"]["Image"]),
+                    slot=Slot(labels[SLOT_LABEL]),
+                )
+            )
+    return servers, port
 
 
 def remove_deployments(client: DockerClient, deployments_dir: Path) -> int:
