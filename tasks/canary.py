@@ -68,7 +68,7 @@ from gantry.errors import (
 from gantry.record import load_record, record_path
 from gantry.results import BuildResult, WeightsResult
 from gantry.settings import Settings
-from gantry.spec import DeployTarget, ReleaseSpec
+from gantry.spec import CanaryOptions, DeployTarget, ReleaseSpec
 from tasks._retry import retry_transient
 from tasks.register import RegisterResult, open_registry
 from tasks.sign import SignResult
@@ -232,6 +232,19 @@ def probes_wanted(min_requests: int, elapsed_s: float, window_s: float, have: in
     of the window (live traffic counts first; the slack covers requests in flight)."""
     due = math.ceil(min_requests * min(1.0, elapsed_s / (0.6 * window_s)))
     return max(0, due - have)
+
+
+def probes_per_check(opts: CanaryOptions) -> int:
+    """Synthetic requests sent at most per check interval (each to both versions)."""
+    return max(1, int(opts.probe_rps * opts.interval_s))
+
+
+def min_observation_s(opts: CanaryOptions) -> float:
+    """The shortest traffic observation synthetic probes can fill to ``min_requests``:
+    they go out at most :func:`probes_per_check` per interval and are paced to arrive by
+    60 % of the observation (see :func:`probes_wanted`), plus one interval for the last."""
+    rate = probes_per_check(opts) / opts.interval_s
+    return opts.min_requests / rate / 0.6 + opts.interval_s
 
 
 def verdict_summary(verdicts: tuple[StepVerdict, ...] | list[StepVerdict]) -> str:
@@ -535,7 +548,7 @@ def analyse_step(
     quality = prober.quality(cand, champ, opts.quality_probes)
     dep.target.observe()  # what came before belongs to no traffic check
     t_obs = time.monotonic()
-    end = max(t0 + opts.window_s, t_obs + opts.window_s / 2)
+    end = max(t0 + opts.window_s, t_obs + max(opts.window_s / 2, min_observation_s(opts)))
     acc = {cand.value: _Acc(), champ.value: _Acc()}
     synthetic = 0
     # Probes run beside the checks: a probe stuck on a dying candidate must not delay the
@@ -585,7 +598,7 @@ def analyse_step(
             due = probes_wanted(
                 opts.min_requests, tick - t_obs, end - t_obs, obs.candidate.requests
             )
-            for _ in range(min(due, max(1, int(opts.probe_rps * opts.interval_s)))):
+            for _ in range(min(due, probes_per_check(opts))):
                 pool.submit(prober.synthetic, cand)
                 pool.submit(prober.synthetic, champ)
                 synthetic += 2

@@ -216,6 +216,8 @@ class RetryLog:
                     LogFilter(
                         flow_run_id=LogFilterFlowRunId(any_=[UUID(i) for i in self.flow_runs])
                     ),
+                    limit=200,  # the server refuses a null limit
+                    offset=0,
                     sort=LogSort.TIMESTAMP_ASC,
                 )
             return [log.message for log in logs]

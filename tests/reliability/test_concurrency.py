@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,15 @@ def _start(env: dict[str, str], spec: Path) -> subprocess.Popen[str]:
     )
 
 
-def _finish(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any], str, float]:
-    t0 = time.monotonic()
+def _finish(
+    proc: subprocess.Popen[str], t0: float | None = None
+) -> tuple[int, dict[str, Any], str, float]:
+    """Exit code, record (none for a refused run: the record is the running one's, which
+    may not be written yet), stderr, and seconds since ``t0`` (default: now)."""
+    t0 = time.monotonic() if t0 is None else t0
     out, err = proc.communicate(timeout=1200)
-    record = json.loads(Path(out.strip().splitlines()[-1]).read_text())
+    refused = "is already running" in err
+    record = {} if refused else json.loads(Path(out.strip().splitlines()[-1]).read_text())
     return proc.returncode, record, err, time.monotonic() - t0
 
 
@@ -96,15 +102,16 @@ def _champion(gantry_env: GantryEnv, model: str) -> str | None:
     return None if ref is None else ref.version
 
 
-def _canaries(gantry_env: GantryEnv, model: str) -> list[tuple[float, float, str]]:
-    """(start, decision, outcome) of each finished canary of ``model``, in time order."""
+def _canaries(gantry_env: GantryEnv, model: str, since: float) -> list[tuple[float, float, str]]:
+    """(start, decision, outcome) of each canary of ``model`` started after ``since``."""
     (dep,) = (gantry_env.state_dir / "deployments").glob(f"gantry-{model}-*")
     out = []
     for path in (dep / "history").glob("*.json"):
         c = json.loads(path.read_text())
         start = datetime.fromisoformat(c["started_at"]).timestamp()
         end = datetime.fromisoformat(c["decided_at"]).timestamp()
-        out.append((start, end, c["phase"]))
+        if start >= since:
+            out.append((start, end, c["phase"]))
     return sorted(out)
 
 
@@ -126,13 +133,17 @@ def test_releases_at_the_same_time(
         _spec(tmp_path, a, "degraded"),
         _spec(tmp_path, b, "v1"),
     )
+    started, t0 = time.time(), time.monotonic()
     procs = {
         "good": _start(env, good),
         "good-again": _start(env, good),
         "degraded": _start(env, bad),
         "other-model": _start(env, other),
     }
-    done = {k: _finish(p) for k, p in procs.items()}
+    # One waiter each, so every run's output is drained and its end time is its own.
+    with ThreadPoolExecutor(len(procs)) as pool:
+        waiting = {k: pool.submit(_finish, p, t0) for k, p in procs.items()}
+        done = {k: f.result() for k, f in waiting.items()}
 
     # The same spec twice: exactly one run, the other refused at once, naming the holder.
     twins = sorted([done["good"], done["good-again"]], key=lambda d: d[0])
@@ -156,7 +167,7 @@ def test_releases_at_the_same_time(
     rc_bad, bad_record, bad_err, _ = done["degraded"]
     assert rc_bad == 1, bad_err[-3000:]
     assert bad_record["stages"]["canary"]["error"]["type"] == "CanaryFailedError"
-    canaries = _canaries(gantry_env, a)
+    canaries = _canaries(gantry_env, a, since=started)
     assert len(canaries) == 2, canaries
     (s1, e1, p1), (s2, e2, p2) = canaries
     assert e1 <= s2, f"two canaries of {a} overlapped: {canaries}"

@@ -96,6 +96,26 @@ def test_probes_make_up_for_thin_traffic_only() -> None:
     assert probes_wanted(20, 9.0, 10.0, 5) == 15
 
 
+def test_the_traffic_observation_is_long_enough_for_the_probes_to_fill() -> None:
+    from gantry.spec import CanaryOptions
+    from tasks.canary import min_observation_s, probes_per_check
+
+    default = CanaryOptions()
+    # The defaults fill 20 requests at 5/s well within half a 30 s window.
+    assert min_observation_s(default) < default.window_s / 2
+    # A 2 s window with 2 probes per 0.5 s check needs more than its half for 5 requests.
+    short = CanaryOptions(window_s=2, interval_s=0.5, min_requests=5)
+    assert probes_per_check(short) == 2
+    need = min_observation_s(short)
+    assert need > short.window_s / 2
+    # Sending at the paced rate over that span reaches min_requests before it ends.
+    ticks = [i * short.interval_s for i in range(int(need / short.interval_s))]
+    sent = 0
+    for t in ticks:
+        sent += min(probes_wanted(short.min_requests, t, need, sent), probes_per_check(short))
+    assert sent >= short.min_requests
+
+
 # --- judgement -------------------------------------------------------------------------------
 
 
