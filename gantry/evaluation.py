@@ -12,6 +12,8 @@ Prefect-free so it can be unit-tested and reused. Two kinds of eval set (JSONL):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import concurrent.futures
 import hashlib
 import json
@@ -359,11 +361,25 @@ def _v1(base_url: str, path: str) -> str:
     return path if base_url.rstrip("/").endswith("/v1") else f"/v1{path}"
 
 
+def embeddings_request(model: str, texts: Sequence[str]) -> dict[str, Any]:
+    """The body of one embeddings request. base64, as the OpenAI client itself asks: a
+    quarter of the bytes of a float list, decoded without a JSON float parse on either
+    side (the eval runner shares the CPU with the server it measures)."""
+    return {"model": model, "input": list(texts), "encoding_format": "base64"}
+
+
+def _embedding(value: Any) -> npt.NDArray[np.float32]:
+    # A server that ignores encoding_format answers a float list: take that too.
+    if isinstance(value, str):
+        return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4")
+    return np.asarray(value, dtype=np.float32)
+
+
 def _vectors(body: Any, n: int, url: str) -> npt.NDArray[np.float32]:
     try:
         data = sorted(body["data"], key=lambda d: d["index"])
-        out = np.asarray([d["embedding"] for d in data], dtype=np.float32)
-    except (KeyError, TypeError, ValueError) as exc:
+        out = np.asarray([_embedding(d["embedding"]) for d in data], dtype=np.float32)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise EndpointResponseError(
             f"{url} answered an embeddings body that is not OpenAI's shape ({exc!r})",
             fix="set runtime.protocol to the protocol the model server speaks",
@@ -398,9 +414,7 @@ async def run_embeddings(
 
         def job(chunk: list[str]) -> Callable[[], Awaitable[npt.NDArray[np.float32]]]:
             async def send() -> Any:
-                r = await http.post(
-                    path, json={"model": cfg.model, "input": chunk, "encoding_format": "float"}
-                )
+                r = await http.post(path, json=embeddings_request(cfg.model, chunk))
                 r.raise_for_status()
                 return r.json()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import json
 from pathlib import Path
 
@@ -178,29 +180,44 @@ def test_gate_tolerance_against_champion() -> None:
 # --- runner (in-process transports) ---------------------------------------------------------
 
 
-def embeddings_handler(request: httpx.Request) -> httpx.Response:
-    """Embeds a text as a one-hot vector of its first character: retrieval by first letter."""
+def embeddings_handler(request: httpx.Request, *, ignore_format: bool = False) -> httpx.Response:
+    """Embeds a text as a one-hot vector of its first character: retrieval by first letter.
+    Answers in the encoding asked for, as OpenAI does (or always floats, as some servers)."""
     body = json.loads(request.content)
     data = []
     for i, text in enumerate(body["input"]):
         vec = [0.0] * 26
         vec[ord(text[0].lower()) - ord("a")] = 1.0
-        data.append({"object": "embedding", "index": i, "embedding": vec})
+        embedding: object = vec
+        if body.get("encoding_format") == "base64" and not ignore_format:
+            embedding = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
     return httpx.Response(200, json={"object": "list", "data": data, "model": body["model"]})
 
 
-def test_run_embeddings_batches_and_scores() -> None:
+@pytest.mark.parametrize("ignore_format", [False, True], ids=["base64", "floats"])
+def test_run_embeddings_batches_and_scores(ignore_format: bool) -> None:
     items = [ev.RetrievalItem(query=f"{c} query", passage=f"{c} passage", id=c) for c in "abcdefgh"]
     # A query whose first letter matches another passage: retrieved wrong.
     items.append(ev.RetrievalItem(query="a wrong one", passage="z passage", id="z"))
-    cfg = ev.RunnerConfig(
-        model="m", concurrency=3, transport=httpx.MockTransport(embeddings_handler)
-    )
+    handler = functools.partial(embeddings_handler, ignore_format=ignore_format)
+    cfg = ev.RunnerConfig(model="m", concurrency=3, transport=httpx.MockTransport(handler))
     out = asyncio.run(ev.run_embeddings("http://test", items, cfg, batch=4))
     assert out.scores["top1"] == pytest.approx(8 / 9)
     assert len(out.latencies_ms) == 5  # 18 texts in batches of 4
     wrong = out.rows[-1]
     assert wrong["id"] == "z" and wrong["retrieved_id"] == "a" and not wrong["top1"]
+
+
+def test_an_embedding_that_is_not_base64_is_a_clear_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        data = [{"object": "embedding", "index": 0, "embedding": "not base64!"}]
+        return httpx.Response(200, json={"object": "list", "data": data})
+
+    items = [ev.RetrievalItem(query="a q", passage="a p", id="a")]
+    cfg = ev.RunnerConfig(model="m", concurrency=1, transport=httpx.MockTransport(handler))
+    with pytest.raises(EndpointResponseError, match="not OpenAI's shape"):
+        asyncio.run(ev.run_embeddings("http://test", items, cfg, batch=1))
 
 
 def test_retries_transient_status_then_succeeds() -> None:
