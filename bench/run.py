@@ -37,6 +37,9 @@ ORDER = ("resume", "orchestration", "smoke", "build", "hashing", "evaluate", "ca
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each repeated measurement")
+    ap.add_argument(
+        "--orchestration-repeat", type=int, default=5, help="pairs of the orchestration measure"
+    )
     ap.add_argument("--only", default=",".join(ORDER), help=f"comma-separated, of {ORDER}")
     ap.add_argument("--readme", action="store_true", help="update README's Performance table")
     args = ap.parse_args()
@@ -48,7 +51,7 @@ def main() -> None:
     results: dict[str, Any] = {"repeat": args.repeat}
     rows: list[Row] = []
     with bench_env("gantry-bench-") as b:
-        ctx = measures.Context(b, args.repeat)
+        ctx = measures.Context(b, args.repeat, args.orchestration_repeat)
         for name in ORDER:
             if name not in only:
                 continue
@@ -57,7 +60,10 @@ def main() -> None:
             data, new_rows = fn(ctx)
             results[name] = data
             rows += new_rows
-    note = f"medians of {args.repeat} runs; `make bench` ({', '.join(only)})"
+    note = (
+        f"medians of {args.repeat} runs ({args.orchestration_repeat} pairs for orchestration); "
+        f"`make bench` ({', '.join(only)})"
+    )
     table = report(results, rows, "latest", note)
     if args.readme:
         splice_readme(table)
