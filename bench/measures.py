@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,9 @@ def evaluate(ctx: Context) -> Measured:
                 out = ev.run_sync(ev.run_embeddings(url, items, cfg))
                 ours.append(out)
                 theirs.append(_wrk(url, lua, bodies, conc, max(5.0, out.wall_s)))
+                # wrk stops at its deadline with requests still in flight, and the server
+                # finishes them: let it, so the next run of ours starts on an idle server.
+                time.sleep(2 * theirs[-1][1][2] / 1000 + 0.5)
     finally:
         client.close()
     rps_ours = median([o.throughput_rps for o in ours])
