@@ -16,15 +16,7 @@ import os
 import secrets
 from pathlib import Path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+from gantry.proc import pid_alive
 
 
 def sweep_stale(path: Path) -> list[Path]:
@@ -37,7 +29,7 @@ def sweep_stale(path: Path) -> list[Path]:
             if not (name.startswith(prefix) and name.endswith(".tmp")):
                 continue
             pid = name[len(prefix) :].split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed

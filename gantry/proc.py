@@ -6,6 +6,7 @@ command logged with secrets redacted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -137,3 +138,17 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(shown, proc.returncode, stderr[-4000:], fix=fix)
     return Completed(argv=shown, returncode=proc.returncode, stdout=stdout, stderr=stderr)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (someone else's counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -132,6 +133,23 @@ class PrefectServer:
     def env(self) -> dict[str, str]:
         """Environment for a `gantry` subprocess that talks to this server."""
         return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+@contextlib.contextmanager
+def embedded_prefect(env: GantryEnv) -> Iterator[tuple[dict[str, str], Any]]:
+    """The embedded Prefect server of ``env``'s state dir, started for one test module (as
+    `gantry release` would find it); yields (the env for `gantry` processes, the settings)
+    and stops it afterwards."""
+    from gantry.localenv.services import prefect_env, prefect_service
+    from gantry.settings import Settings
+
+    settings = Settings.from_env(env.env)
+    svc = prefect_service(settings)
+    svc.start()
+    try:
+        yield {**env.env, **prefect_env(settings)}, settings
+    finally:
+        svc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from gantry.errors import ServiceError
-from gantry.proc import which
+from gantry.proc import pid_alive, which
 from gantry.settings import Settings
 
 
@@ -39,20 +39,6 @@ class ServiceStatus(BaseModel):
     healthy: bool
     pid: int | None = None
     log: str | None = None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still "exists"; treat it as dead.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def _port_busy(host: str, port: int) -> bool:
@@ -103,7 +89,7 @@ class ManagedProcess:
             pid = int(self.pidfile.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -175,7 +161,7 @@ class ManagedProcess:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 return False
-            if proc is None and not _pid_alive(pid):
+            if proc is None and not pid_alive(pid):
                 return False
             if self.healthy(timeout_s=2):
                 return True
@@ -186,7 +172,7 @@ class ManagedProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)

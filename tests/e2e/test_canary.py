@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GantryEnv
+from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
 
 pytestmark = pytest.mark.e2e
 
@@ -45,19 +45,14 @@ CANARY = {
 @pytest.fixture(scope="module")
 def env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
     from gantry.deploy.docker import remove_deployments
-    from gantry.localenv.services import prefect_env, prefect_service
-    from gantry.settings import Settings
 
-    settings = Settings.from_env(gantry_env.env)
-    svc = prefect_service(settings)
-    svc.start()
-    try:
-        yield {**gantry_env.env, **prefect_env(settings)}
-    finally:
-        svc.stop()
-        client = docker.from_env()
-        remove_deployments(client, settings.deployments_dir)
-        client.close()
+    with embedded_prefect(gantry_env) as (env, settings):
+        try:
+            yield env
+        finally:
+            client = docker.from_env()
+            remove_deployments(client, settings.deployments_dir)
+            client.close()
 
 
 def _spec(tmp_path: Path, name: str, revision: str, **canary: Any) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GantryEnv, free_port
+from tests.support import REPO_ROOT, GantryEnv, embedded_prefect, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -27,17 +27,11 @@ MODEL = "minilm-reeval-e2e"
 
 @pytest.fixture(scope="module")
 def env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
-    from gantry.localenv.services import prefect_env, prefect_service
-    from gantry.settings import Settings
-
-    settings = Settings.from_env(gantry_env.env)
-    svc = prefect_service(settings)
-    svc.start()
-    try:
-        yield {**gantry_env.env, **prefect_env(settings)}
-    finally:
-        svc.stop()
-        _remove_deployment(settings)
+    with embedded_prefect(gantry_env) as (env, settings):
+        try:
+            yield env
+        finally:
+            _remove_deployment(settings)
 
 
 def _remove_deployment(settings: Any) -> None:

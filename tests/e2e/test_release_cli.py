@@ -13,24 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GantryEnv
+from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def prefect_env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
-    from gantry.localenv.services import prefect_env as env_for
-    from gantry.localenv.services import prefect_service
-    from gantry.settings import Settings
-
-    settings = Settings.from_env(gantry_env.env)
-    svc = prefect_service(settings)
-    svc.start()
-    try:
-        yield {**gantry_env.env, **env_for(settings)}
-    finally:
-        svc.stop()
+    with embedded_prefect(gantry_env) as (env, _settings):
+        yield env
 
 
 def _gantry(

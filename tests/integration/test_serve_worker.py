@@ -13,7 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from gantry.localenv.services import _pid_alive, worker_name, worker_service
+from gantry.localenv.services import worker_name, worker_service
+from gantry.proc import pid_alive
 from gantry.settings import Settings
 from tests.support import REPO_ROOT, PrefectServer, free_port
 
@@ -121,7 +122,7 @@ def test_serve_starts_a_worker_and_env_down_stops_it(
 
         down = _gantry(env, "env", "down", timeout=120)
         assert down.returncode == 0, down.stderr[-3000:]
-        assert not _pid_alive(pid)
+        assert not pid_alive(pid)
         assert worker.pid() is None
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{worker.url}/health", timeout=2)

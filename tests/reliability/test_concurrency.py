@@ -22,7 +22,7 @@ import yaml
 
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from tests.reliability.conftest import Scenario
-from tests.support import REPO_ROOT, GantryEnv
+from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
 
 pytestmark = pytest.mark.reliability
 
@@ -41,19 +41,14 @@ CANARY = {
 @pytest.fixture(scope="module")
 def env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
     from gantry.deploy.docker import remove_deployments
-    from gantry.localenv.services import prefect_env, prefect_service
-    from gantry.settings import Settings
 
-    settings = Settings.from_env(gantry_env.env)
-    svc = prefect_service(settings)
-    svc.start()
-    try:
-        yield {**gantry_env.env, **prefect_env(settings)}
-    finally:
-        svc.stop()
-        client = docker.from_env()
-        remove_deployments(client, settings.deployments_dir)
-        client.close()
+    with embedded_prefect(gantry_env) as (env, settings):
+        try:
+            yield env
+        finally:
+            client = docker.from_env()
+            remove_deployments(client, settings.deployments_dir)
+            client.close()
 
 
 def _spec(tmp_path: Path, model: str, revision: str) -> Path:
