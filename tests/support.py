@@ -136,10 +136,12 @@ class PrefectServer:
 
 
 @contextlib.contextmanager
-def embedded_prefect(env: GantryEnv) -> Iterator[tuple[dict[str, str], Any]]:
+def embedded_prefect(
+    env: GantryEnv, *, remove_deployments: bool = False
+) -> Iterator[tuple[dict[str, str], Any]]:
     """The embedded Prefect server of ``env``'s state dir, started for one test module (as
     `gantry release` would find it); yields (the env for `gantry` processes, the settings)
-    and stops it afterwards."""
+    and stops it afterwards, with ``remove_deployments`` also every live deployment."""
     from gantry.localenv.services import prefect_env, prefect_service
     from gantry.settings import Settings
 
@@ -150,6 +152,16 @@ def embedded_prefect(env: GantryEnv) -> Iterator[tuple[dict[str, str], Any]]:
         yield {**env.env, **prefect_env(settings)}, settings
     finally:
         svc.stop()
+        if remove_deployments:
+            import docker
+
+            from gantry.deploy.docker import remove_deployments as remove
+
+            client = docker.from_env()
+            try:
+                remove(client, settings.deployments_dir)
+            finally:
+                client.close()
 
 
 @pytest.fixture(scope="session")

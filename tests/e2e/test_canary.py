@@ -44,15 +44,8 @@ CANARY = {
 
 @pytest.fixture(scope="module")
 def env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
-    from gantry.deploy.docker import remove_deployments
-
-    with embedded_prefect(gantry_env) as (env, settings):
-        try:
-            yield env
-        finally:
-            client = docker.from_env()
-            remove_deployments(client, settings.deployments_dir)
-            client.close()
+    with embedded_prefect(gantry_env, remove_deployments=True) as (env, _settings):
+        yield env
 
 
 def _spec(tmp_path: Path, name: str, revision: str, **canary: Any) -> Path:
