@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from gantry.record import Recorder, ReleaseRecord, one_run_at_a_time
-from gantry.settings import get_settings
+from gantry.settings import Settings, get_settings
 from gantry.spec import ReleaseSpec, RetryPolicy
 from tasks._retry import with_retries
 from tasks.build import build_task
 from tasks.canary import canary_task
 from tasks.evaluate import EvalResult, evaluate_release_task
-from tasks.register import register_task
+from tasks.register import RegisterResult, register_task, tracking_store_state
 from tasks.scan import ScanResult, scan_task
 from tasks.sign import sign_task
 from tasks.smoke import SmokeResult, smoke_task
@@ -43,13 +42,15 @@ def compose(spec: ReleaseSpec, run: StageRunner, *, flow_run_id: str | None) -> 
     settings = get_settings()
     with one_run_at_a_time(settings.releases_dir, spec.release_id):
         rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id)
-        return _stages(spec, run, rec, settings.weights_dir)
+        return _stages(spec, run, rec, settings)
 
 
-def _stages(spec: ReleaseSpec, run: StageRunner, rec: Recorder, weights_dir: Path) -> ReleaseRecord:
+def _stages(
+    spec: ReleaseSpec, run: StageRunner, rec: Recorder, settings: Settings
+) -> ReleaseRecord:
     policy = spec.retries
     weights = rec.run_stage(
-        "weights", lambda: run(weights_task, policy)(spec.source, str(weights_dir))
+        "weights", lambda: run(weights_task, policy)(spec.source, str(settings.weights_dir))
     )
     build = rec.run_stage("build", lambda: run(build_task, policy)(spec, weights))
     scan = rec.run_stage(
@@ -70,16 +71,26 @@ def _stages(spec: ReleaseSpec, run: StageRunner, rec: Recorder, weights_dir: Pat
         lambda: run(evaluate_release_task, policy)(spec, build, weights, sign),
         reuse=(EvalResult, served),
     )
+    # A local tracking store untouched since this release last succeeded holds its
+    # version, with the `champion` alias on it: neither stage below need open it (MLflow's
+    # import and store are most of a re-run). Any write since (another release, a
+    # rollback, a re-evaluation tag) changes the fingerprint, and both ask the store.
+    unchanged = rec.store_unchanged(tracking_store_state(spec, settings))
     registered = rec.run_stage(
         "register",
         lambda: run(register_task, policy)(spec, weights, build, scan, sign, evaluation, smoke),
+        reuse=(RegisterResult, served),
+        may_reuse=unchanged,
     )
-    # Not re-used from an earlier record: the live deployment is the truth, and the stage
+    # Never re-used from an earlier record: the live deployment is the truth, and the stage
     # itself finds a release that is already champion (and only checks it serves).
     rec.run_stage(
-        "canary", lambda: run(canary_task, policy)(spec, build, weights, sign, registered)
+        "canary",
+        lambda: run(canary_task, policy)(
+            spec, build, weights, sign, registered, known_champion=unchanged
+        ),
     )
-    return rec.succeed()
+    return rec.succeed(tracking_store_state=tracking_store_state(spec, settings))
 
 
 @flow(

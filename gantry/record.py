@@ -35,6 +35,9 @@ STAGES = ("weights", "build", "scan", "sign", "smoke", "evaluate", "register", "
 
 T = TypeVar("T", bound=BaseModel)
 
+#: How many earlier runs of a release a stage's last result is looked for in.
+MAX_RUNS_LOOKED_BACK = 20
+
 
 class StageStatus(StrEnum):
     PENDING = "pending"
@@ -76,6 +79,12 @@ class ReleaseRecord(BaseModel):
     gantry_version: str = gantry.__version__
     stages: dict[str, StageRecord]
     error: StageError | None = None
+    tracking_store_state: str | None = Field(
+        default=None,
+        description="Fingerprint of a local MLflow store when the release succeeded: a "
+        "re-run that finds it unchanged knows the registration and the champion alias "
+        "are as this run left them, without opening the store.",
+    )
 
 
 def _now() -> datetime:
@@ -109,6 +118,8 @@ class Recorder:
         )
         releases_dir.mkdir(parents=True, exist_ok=True)
         self.previous: ReleaseRecord | None = None
+        self._history = self.path.parent / "history"
+        self._archived: Path | None = None
         if self.path.exists():
             try:
                 self.previous = load_record(self.path)
@@ -118,17 +129,44 @@ class Recorder:
         self.write()
 
     def _archive_previous(self) -> None:
-        hist = self.path.parent / "history"
-        hist.mkdir(exist_ok=True)
+        self._history.mkdir(exist_ok=True)
         # Microseconds and a random suffix: two runs in one second must not overwrite.
         stamp = datetime.fromtimestamp(self.path.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S.%f")
-        os.replace(self.path, hist / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json")
+        self._archived = self._history / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json"
+        os.replace(self.path, self._archived)
+
+    def _earlier_runs(self) -> Iterator[ReleaseRecord]:
+        """The previous run of this release, then the archived ones, newest first."""
+        if self.previous is None:
+            return  # none, or unreadable: reuse nothing rather than guess
+        yield self.previous
+        older = sorted(  # the stamp in the name sorts by time
+            (p for p in self._history.glob(f"{self.path.stem}.*.json") if p != self._archived),
+            reverse=True,
+        )
+        for path in older[: MAX_RUNS_LOOKED_BACK - 1]:
+            try:
+                rec = load_record(path)
+            except (OSError, ValueError):
+                return  # a gap in the chain: what came before it is not known to be current
+            if rec.release_id == self.record.release_id:
+                yield rec
 
     def write(self) -> None:
         write_atomic(self.path, self.record.model_dump_json(indent=2))
 
+    def _last_ran(self, name: str) -> StageRecord | None:
+        """The stage as it last ran in this release's runs. Runs that failed or were
+        killed before it (it is skipped or pending there) are looked through, so a failure
+        upstream of it does not cost a finished evaluation."""
+        for rec in self._earlier_runs():
+            st = rec.stages.get(name)
+            if st is not None and st.status not in (StageStatus.SKIPPED, StageStatus.PENDING):
+                return st
+        return None
+
     def _reusable(self, name: str, result_type: type[T], inputs: str) -> T | None:
-        prev = self.previous.stages.get(name) if self.previous else None
+        prev = self._last_ran(name)
         if not (prev and prev.status == StageStatus.SUCCEEDED and prev.inputs == inputs):
             return None
         try:
@@ -137,19 +175,26 @@ class Recorder:
             return None  # a result of an older Gantry version: run the stage again
 
     def run_stage(
-        self, name: str, fn: Callable[[], T], *, reuse: tuple[type[T], str] | None = None
+        self,
+        name: str,
+        fn: Callable[[], T],
+        *,
+        reuse: tuple[type[T], str] | None = None,
+        may_reuse: bool = True,
     ) -> T:
         """Run one stage, recording its outcome; on failure the later stages are skipped
         and the exception propagates (so the flow run fails with it).
 
-        With ``reuse=(ResultType, inputs)``, a stage that succeeded in the previous run of
-        this release on the same ``inputs`` (a fingerprint of the digests it consumed) is
-        not run again: its result is taken over and marked cached. Resume, don't redo.
+        With ``reuse=(ResultType, inputs)``, a stage whose last run in this release (see
+        :meth:`_last_ran`) succeeded on the same ``inputs`` (a fingerprint of the digests
+        it consumed) is not run again: its result is taken over and marked cached. Resume,
+        don't redo.
+        ``may_reuse=False`` records the inputs (for the next run) but runs the stage.
         """
         st = self.record.stages[name]
         st.status, st.started_at = StageStatus.RUNNING, _now()
         st.inputs = reuse[1] if reuse else None
-        if reuse and (prior := self._reusable(name, reuse[0], reuse[1])) is not None:
+        if reuse and may_reuse and (prior := self._reusable(name, *reuse)) is not None:
             st.status, st.result, st.cached = (
                 StageStatus.SUCCEEDED,
                 json.loads(prior.model_dump_json()),
@@ -157,7 +202,7 @@ class Recorder:
             )
             st.duration_s, st.finished_at = 0.0, _now()
             self.write()
-            log.info("stage %s: re-used from the previous run (inputs unchanged)", name)
+            log.info("stage %s: re-used from an earlier run (inputs unchanged)", name)
             return prior
         self.write()
         t0 = time.monotonic()
@@ -185,7 +230,17 @@ class Recorder:
         self.record.finished_at = _now()
         self.write()
 
-    def succeed(self) -> ReleaseRecord:
+    def store_unchanged(self, state: str | None) -> bool:
+        """Whether the tracking store is exactly as the last succeeded run of this release
+        left it (``state``: its fingerprint now; None, unknown). Runs since that failed
+        do not matter: had one written to the store, the fingerprint would differ."""
+        if state is None:
+            return False
+        done = next((r for r in self._earlier_runs() if r.status == StageStatus.SUCCEEDED), None)
+        return done is not None and done.tracking_store_state == state
+
+    def succeed(self, *, tracking_store_state: str | None = None) -> ReleaseRecord:
+        self.record.tracking_store_state = tracking_store_state
         self._finish(StageStatus.SUCCEEDED)
         return self.record
 

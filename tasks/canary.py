@@ -19,6 +19,7 @@ back (or, if it was already promoting, its promotion completed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -267,7 +268,7 @@ class Deployment:
         store: DeploymentStore,
         status: DeploymentStatus,
         target: Target,
-        registry: MlflowRegistry,
+        registry: Callable[[], MlflowRegistry],
         settings: Settings,
         client: docker_engine.DockerClient,
         hooks: Hooks,
@@ -275,8 +276,15 @@ class Deployment:
         keep_warm_s: float = 0.0,
     ) -> None:
         self.store, self.status, self.target = store, status, target
-        self.registry, self.settings, self.client = registry, settings, client
+        self.settings, self.client = settings, client
         self.hooks, self.drain_s, self.keep_warm_s = hooks, drain_s, keep_warm_s
+        self._open_registry = registry
+
+    @functools.cached_property
+    def registry(self) -> MlflowRegistry:
+        """Opened on first use: a re-run that only checks the champion serves never needs
+        it (importing MLflow and opening its store is most of such a run)."""
+        return self._open_registry()
 
     @property
     def model(self) -> str:
@@ -625,8 +633,14 @@ def run_canary(
     *,
     hooks: Hooks | None = None,
     client: docker_engine.DockerClient | None = None,
+    known_champion: bool = False,
 ) -> CanaryResult:
-    """Take the registered candidate live (see the module docstring)."""
+    """Take the registered candidate live (see the module docstring).
+
+    ``known_champion``: the caller knows MLflow's `champion` alias is this version (a
+    re-run of a succeeded release whose tracking store has not changed since), so the
+    stage only makes sure it serves, without opening the store.
+    """
     t0 = time.monotonic()
     hooks = hooks or Hooks()
     opts = spec.canary
@@ -640,21 +654,28 @@ def run_canary(
             "canary.manual_approval",
         )
     store = DeploymentStore(settings.deployments_dir, model)
-    registry = open_registry(spec, settings)
     client = client or docker_engine.connect(settings.docker_timeout_s)
     with store.lock(opts.lock_wait_s, spec.release_id):
         status = store.load()
         target = _target(client, store, status, spec, settings)
         dep = Deployment(
-            store, status, target, registry, settings, client, hooks, opts.drain_s, opts.keep_warm_s
+            store,
+            status,
+            target,
+            functools.partial(open_registry, spec, settings),
+            settings,
+            client,
+            hooks,
+            opts.drain_s,
+            opts.keep_warm_s,
         )
-        alias = registry.get_alias_version(model, CHAMPION)
+        alias = None if known_champion else dep.registry.get_alias_version(model, CHAMPION)
         if status.champion is not None or status.candidate is not None:
             champ_slot = status.champion.slot if status.champion else Slot.A
             target.ensure({champ_slot: 100})
         finished = dep.recover(spec.release_id)
         dep.remove_orphans()
-        if finished or (alias is not None and alias.version == version):
+        if finished or known_champion or (alias is not None and alias.version == version):
             return _already_champion(dep, spec, version, t0)
         dep.retire_previous(force=True)  # its slot is the candidate's now
         verify_inputs(build, weights, sign)  # an unsigned candidate never starts
@@ -892,7 +913,7 @@ def _keep_warm_then_retire(
             store,
             status,
             target,
-            open_registry(spec, settings),
+            functools.partial(open_registry, spec, settings),
             settings,
             client,
             hooks,
@@ -940,7 +961,7 @@ def rollback_model(
         target = _target(client, store, status, spec, settings)
         registry = open_registry(spec, settings)
         dep = Deployment(
-            store, status, target, registry, settings, client, hooks, spec.canary.drain_s
+            store, status, target, lambda: registry, settings, client, hooks, spec.canary.drain_s
         )
         if champ is not None:
             target.ensure({champ.slot: 100})
@@ -1179,8 +1200,10 @@ def canary_task(
     weights: WeightsResult,
     sign: SignResult,
     registered: RegisterResult,
+    known_champion: bool = False,
 ) -> CanaryResult:
-    """Prefect task for stage `canary`: progress artifact, verdict table, events."""
+    """Prefect task for stage `canary`: progress artifact, verdict table, events.
+    ``known_champion``: see :func:`run_canary`."""
     from prefect.artifacts import create_table_artifact
 
     from gantry.settings import get_settings
@@ -1188,7 +1211,16 @@ def canary_task(
     last: dict[str, CanaryStatus] = {}
     hooks = prefect_hooks(spec, registered.model_name, last)
     try:
-        result = run_canary(spec, build, weights, sign, registered, get_settings(), hooks=hooks)
+        result = run_canary(
+            spec,
+            build,
+            weights,
+            sign,
+            registered,
+            get_settings(),
+            hooks=hooks,
+            known_champion=known_champion,
+        )
     except (CanaryFailedError, ApprovalRejectedError) as exc:
         verdicts = last["status"].verdicts if "status" in last else []
         create_table_artifact(

@@ -38,6 +38,7 @@ from gantry.adapters.mlflow_registry import (
     MlflowRegistry,
     ModelVersionRef,
     is_sqlite,
+    store_state,
 )
 from gantry.proc import redact_text
 from gantry.record import record_path as release_record_path
@@ -70,7 +71,9 @@ class RegisterResult(BaseModel):
     model_name: str
     version: str = Field(description="The registered model version.")
     source: str = Field(description="The version's source: hf://<repo>@<commit>.")
-    aliases: tuple[str, ...] = Field(description="Aliases pointing at the version now.")
+    aliases: tuple[str, ...] = Field(
+        description="Aliases pointing at the version when the stage ran."
+    )
     tags: dict[str, str] = Field(description="The version's tags.")
     cached: bool = Field(description="The version already existed; nothing was created.")
     register_seconds: float
@@ -88,6 +91,12 @@ def default_tracking_uri(settings: Settings) -> str:
 
 def tracking_uri_for(spec: ReleaseSpec, settings: Settings) -> str:
     return spec.mlflow.tracking_uri or default_tracking_uri(settings)
+
+
+def tracking_store_state(spec: ReleaseSpec, settings: Settings) -> str | None:
+    """The spec's tracking store's fingerprint (:func:`store_state`): None unless a local
+    SQLite store, whose every committed write changes it."""
+    return store_state(tracking_uri_for(spec, settings))
 
 
 def model_name_for(spec: ReleaseSpec) -> str:

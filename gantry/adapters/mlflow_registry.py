@@ -74,6 +74,31 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path[1:])
 
 
+def store_state(uri: str) -> str | None:
+    """A fingerprint that changes whenever a local SQLite tracking store commits a write:
+    the file's identity, size and mtime, and SQLite's own file change counter (header
+    bytes 24-27, bumped by every committed transaction in rollback-journal mode, even two
+    in one mtime tick). None where no such promise holds: a server's store, a missing
+    file, a WAL-mode database (its commits land in the -wal file first), or a transaction
+    in flight (a hot journal)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            header = f.read(100)
+        if Path(f"{path}-journal").exists() or Path(f"{path}-wal").exists():
+            return None
+    except OSError:
+        return None
+    # Bytes 18 and 19 are the file format write/read versions: 2 means WAL.
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0") or header[18] == 2:
+        return None
+    counter = int.from_bytes(header[24:28], "big")
+    return f"sqlite:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{counter}"
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     cur: BaseException | None = exc

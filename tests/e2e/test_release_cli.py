@@ -110,6 +110,20 @@ def test_release_then_cached_rerun(
     assert gantry_env.hub_stats()["requests"]["download"] == 0  # type: ignore[index]
     history = list((record_path.parent / "history").glob(f"{record['release_id']}.*.json"))
     assert history  # the first run's record was kept, not overwritten
+    # The tracking store is as the first run left it: neither register nor canary opened it.
+    reused = "stage register: re-used from an earlier run"
+    assert reused in second.stderr and "is already version" not in second.stderr
+    assert again["tracking_store_state"]
+
+    # Any write to the store since (here a tag) and the re-run asks it again.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{gantry_env.state_dir / 'mlflow' / 'mlflow.db'}"
+    MlflowClient(uri).set_model_version_tag("minilm-cli", registered["version"], "touched", "1")
+    third = _gantry(prefect_env, "release", str(spec))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert reused not in third.stderr
+    assert f"is already version {registered['version']} of minilm-cli" in third.stderr
 
 
 def test_invalid_spec_exits_2_naming_the_field(prefect_env: dict[str, str], tmp_path: Path) -> None:

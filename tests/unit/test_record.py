@@ -66,6 +66,48 @@ def test_failed_stage_is_not_reused_and_later_stages_are_skipped(tmp_path: Path)
     assert calls == [1]
 
 
+def test_runs_that_stopped_before_a_stage_are_looked_through_for_its_last_result(
+    tmp_path: Path,
+) -> None:
+    calls: list[str] = []
+
+    def stage(tag: str) -> Out:
+        calls.append(tag)
+        return Out(value=len(calls))
+
+    def boom() -> Out:
+        raise RuntimeError("hub down")
+
+    done = Recorder(tmp_path, SPEC, flow_run_id=None)
+    done.run_stage("evaluate", lambda: stage("first"), reuse=(Out, "k"))
+    done.succeed()
+    # A run that failed upstream (evaluate skipped), then one killed before evaluate
+    # (still pending): both are looked through, back to the success.
+    with pytest.raises(RuntimeError):
+        Recorder(tmp_path, SPEC, flow_run_id=None).run_stage("weights", boom)
+    Recorder(tmp_path, SPEC, flow_run_id=None).run_stage("weights", lambda: stage("w"))
+
+    resumed = Recorder(tmp_path, SPEC, flow_run_id=None)
+    assert resumed.run_stage("evaluate", lambda: stage("again"), reuse=(Out, "k")).value == 1
+    assert calls == ["first", "w"] and load_record(resumed.path).stages["evaluate"].cached
+
+    # Where the stage last ran and failed, an older success is not dug up.
+    with pytest.raises(RuntimeError):
+        Recorder(tmp_path, SPEC, flow_run_id=None).run_stage(
+            "evaluate", boom, reuse=(Out, "k"), may_reuse=False
+        )
+    Recorder(tmp_path, SPEC, flow_run_id=None).run_stage(
+        "evaluate", lambda: stage("rerun"), reuse=(Out, "k")
+    )
+    assert calls[-1] == "rerun"
+
+    # Another release's history is never read, however its id begins.
+    other = parse_spec({"name": "minilm", "source": {"repo_id": "a/b", "revision": "v2"}})
+    fresh = Recorder(tmp_path, other, flow_run_id=None)
+    assert fresh.run_stage("evaluate", lambda: stage("other"), reuse=(Out, "k")).value == len(calls)
+    assert calls[-1] == "other"
+
+
 _HOLD = """
 import sys, time
 from pathlib import Path
@@ -97,3 +139,40 @@ def test_a_second_run_of_a_release_is_refused_until_the_first_is_gone(tmp_path: 
         holder.wait(timeout=30)
     with one_run_at_a_time(tmp_path, SPEC.release_id):
         pass
+
+
+def test_register_is_reused_only_while_the_store_is_as_the_last_success_left_it(
+    tmp_path: Path,
+) -> None:
+    calls: list[int] = []
+
+    def stage() -> Out:
+        calls.append(1)
+        return Out(value=len(calls))
+
+    def run(state: str | None, *, succeed: bool = True) -> Recorder:
+        rec = Recorder(tmp_path, SPEC, flow_run_id=None)
+        unchanged = rec.store_unchanged(state)
+        rec.run_stage("register", stage, reuse=(Out, "k"), may_reuse=unchanged)
+        if succeed:
+            rec.succeed(tracking_store_state=state)
+        return rec
+
+    run("s1")
+    assert len(calls) == 1
+    run("s1")  # unchanged since the success: re-used
+    assert (
+        len(calls) == 1
+        and load_record(tmp_path / f"{SPEC.release_id}.json").stages["register"].cached
+    )
+    run("s2")  # the store changed: asked again, and the new state remembered
+    assert len(calls) == 2
+    run("s2", succeed=False)  # a run that failed later, writing nothing: still re-used
+    run("s2")
+    assert len(calls) == 2
+    run("s2", succeed=False)
+    run("s3")  # whatever wrote to the store since the last success, it is asked again
+    assert len(calls) == 3
+    run(None)  # a store with no fingerprint (a server) is always asked
+    run(None)
+    assert len(calls) == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import requests
 from mlflow.exceptions import MlflowException, RestException
 from pydantic import BaseModel
 
-from gantry.adapters.mlflow_registry import map_error, sqlite_path
+from gantry.adapters.mlflow_registry import map_error, sqlite_path, store_state
 from gantry.errors import MLflowUnavailableError, RegistrationError, TransientError
 from gantry.settings import Settings
 from gantry.spec import parse_spec
@@ -199,3 +200,44 @@ def test_summary_markdown_links_a_server_ui() -> None:
     assert "http://mlflow:5000/#/models/minilm/versions/2" in md
     sqlite_md = summary_markdown(result.model_copy(update={"tracking_uri": "sqlite:////s/m.db"}))
     assert "mlflow ui --backend-store-uri sqlite:////s/m.db" in sqlite_md
+
+
+def _commit(db: Path, sql: str) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(sql)
+
+
+def test_store_state_changes_with_every_committed_write(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    assert store_state(uri) is None  # no store yet: nothing is known
+    _commit(db, "create table t (x)")
+    first = store_state(uri)
+    assert first is not None and store_state(uri) == first  # reading changes nothing
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("select * from t").fetchall()
+    assert store_state(uri) == first
+    seen = {first}
+    for i in range(5):  # back to back, well inside one mtime tick: the counter tells them
+        _commit(db, f"insert into t values ({i})")
+        state = store_state(uri)
+        assert state is not None and state not in seen
+        seen.add(state)
+
+
+def test_store_state_is_unknown_where_it_cannot_promise(tmp_path: Path) -> None:
+    assert store_state("http://mlflow.example:5000") is None
+    assert store_state("sqlite:///:memory:") is None
+    wal = tmp_path / "wal.db"
+    with contextlib.closing(sqlite3.connect(wal)) as conn:
+        conn.execute("pragma journal_mode=wal")
+        conn.execute("create table t (x)")
+        conn.commit()
+        assert store_state(f"sqlite:///{wal}") is None
+    not_sqlite = tmp_path / "junk.db"
+    not_sqlite.write_bytes(b"x" * 200)
+    assert store_state(f"sqlite:///{not_sqlite}") is None
+    hot = tmp_path / "hot.db"
+    _commit(hot, "create table t (x)")
+    Path(f"{hot}-journal").write_bytes(b"")  # a writer in the middle of a transaction
+    assert store_state(f"sqlite:///{hot}") is None
