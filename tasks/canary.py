@@ -280,6 +280,32 @@ class Deployment:
         self.hooks, self.drain_s, self.keep_warm_s = hooks, drain_s, keep_warm_s
         self._open_registry = registry
 
+    @classmethod
+    def of(
+        cls,
+        store: DeploymentStore,
+        status: DeploymentStatus,
+        spec: ReleaseSpec,
+        settings: Settings,
+        client: docker_engine.DockerClient,
+        hooks: Hooks,
+        *,
+        keep_warm_s: float = 0.0,
+    ) -> Deployment:
+        """The deployment ``status`` describes, on ``spec``'s target, with its tracking
+        store opened on first use."""
+        return cls(
+            store,
+            status,
+            _target(client, store, status, spec, settings),
+            functools.partial(open_registry, spec, settings),
+            settings,
+            client,
+            hooks,
+            spec.canary.drain_s,
+            keep_warm_s,
+        )
+
     @functools.cached_property
     def registry(self) -> MlflowRegistry:
         """Opened on first use: a re-run that only checks the champion serves never needs
@@ -657,18 +683,10 @@ def run_canary(
     client = client or docker_engine.connect(settings.docker_timeout_s)
     with store.lock(opts.lock_wait_s, spec.release_id):
         status = store.load()
-        target = _target(client, store, status, spec, settings)
-        dep = Deployment(
-            store,
-            status,
-            target,
-            functools.partial(open_registry, spec, settings),
-            settings,
-            client,
-            hooks,
-            opts.drain_s,
-            opts.keep_warm_s,
+        dep = Deployment.of(
+            store, status, spec, settings, client, hooks, keep_warm_s=opts.keep_warm_s
         )
+        target = dep.target
         alias = None if known_champion else dep.registry.get_alias_version(model, CHAMPION)
         if status.champion is not None or status.candidate is not None:
             champ_slot = status.champion.slot if status.champion else Slot.A
@@ -908,17 +926,7 @@ def _keep_warm_then_retire(
         status = store.load()
         if status.previous != previous:
             return False  # a rollback or a newer release changed the deployment meanwhile
-        target = _target(client, store, status, spec, settings)
-        dep = Deployment(
-            store,
-            status,
-            target,
-            functools.partial(open_registry, spec, settings),
-            settings,
-            client,
-            hooks,
-            spec.canary.drain_s,
-        )
+        dep = Deployment.of(store, status, spec, settings, client, hooks)
         return dep.retire_previous(force=False)
 
 
