@@ -687,13 +687,19 @@ def run_canary(
             store, status, spec, settings, client, hooks, keep_warm_s=opts.keep_warm_s
         )
         target = dep.target
-        alias = None if known_champion else dep.registry.get_alias_version(model, CHAMPION)
+        # Only while the deployment agrees: a rollback that landed between this release's
+        # canary and its record's fingerprint would be in the fingerprint, but it also made
+        # the previous version the deployment's champion again.
+        known = (
+            known_champion and status.champion is not None and status.champion.version == version
+        )
+        alias = None if known else dep.registry.get_alias_version(model, CHAMPION)
         if status.champion is not None or status.candidate is not None:
             champ_slot = status.champion.slot if status.champion else Slot.A
             target.ensure({champ_slot: 100})
         finished = dep.recover(spec.release_id)
         dep.remove_orphans()
-        if finished or known_champion or (alias is not None and alias.version == version):
+        if finished or known or (alias is not None and alias.version == version):
             return _already_champion(dep, spec, version, t0)
         dep.retire_previous(force=True)  # its slot is the candidate's now
         verify_inputs(build, weights, sign)  # an unsigned candidate never starts
