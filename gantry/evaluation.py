@@ -22,11 +22,9 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
-import numpy as np
-import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gantry.errors import (
@@ -35,6 +33,13 @@ from gantry.errors import (
     EvalSetError,
 )
 from gantry.spec import EvalOptions
+from gantry.tls import tls_context
+
+if TYPE_CHECKING:
+    # numpy is imported where vectors are scored, not here: this module is on the path of
+    # every `gantry release`, and a re-run that scores nothing should not pay its import.
+    import numpy as np
+    import numpy.typing as npt
 
 MatchMode = Literal["exact", "contains", "regex"]
 EMBEDDING_METRICS = ("top1", "mrr")
@@ -147,6 +152,8 @@ class RetrievalScores:
 
 def cosine_matrix(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> Any:
     """Cosine similarity of every row of ``a`` with every row of ``b``."""
+    import numpy as np
+
     an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return an @ bn.T
@@ -163,6 +170,8 @@ def retrieval_scores(
     excluded): a collapsed model giving every text the same vector (or NaNs) must score 0,
     not 1.
     """
+    import numpy as np
+
     # A broken model's NaN similarities rank last instead of comparing False everywhere.
     sims = np.nan_to_num(cosine_matrix(queries, corpus), nan=-np.inf)
     idx = np.arange(len(correct))
@@ -190,6 +199,8 @@ def matches(answer: str, expected: str, mode: MatchMode) -> bool:
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> list[float]:
     """Linear-interpolated percentiles of ``values`` (0.0 each for an empty sequence)."""
+    import numpy as np
+
     if not values:
         return [0.0 for _ in qs]
     return [float(v) for v in np.percentile(np.asarray(values, dtype=np.float64), list(qs))]
@@ -353,6 +364,7 @@ def _client(cfg: RunnerConfig, base_url: str) -> httpx.AsyncClient:
         limits=httpx.Limits(max_connections=cfg.concurrency),
         transport=cfg.transport,
         headers=dict(cfg.headers),
+        verify=tls_context(),
     )
 
 
@@ -369,6 +381,8 @@ def embeddings_request(model: str, texts: Sequence[str]) -> dict[str, Any]:
 
 
 def _embedding(value: Any) -> npt.NDArray[np.float32]:
+    import numpy as np
+
     # A server that ignores encoding_format answers a float list: take that too.
     if isinstance(value, str):
         return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4")
@@ -376,6 +390,8 @@ def _embedding(value: Any) -> npt.NDArray[np.float32]:
 
 
 def _vectors(body: Any, n: int, url: str) -> npt.NDArray[np.float32]:
+    import numpy as np
+
     try:
         data = sorted(body["data"], key=lambda d: d["index"])
         out = np.asarray([_embedding(d["embedding"]) for d in data], dtype=np.float32)
@@ -428,6 +444,8 @@ async def run_embeddings(
         t0 = time.perf_counter()
         parts = await _gather_bounded(cfg.concurrency, [job(c) for c in chunks])
         wall = time.perf_counter() - t0
+    import numpy as np
+
     vectors = np.concatenate(parts)
     correct = [where[item.passage] for item in items]
     s = retrieval_scores(vectors[len(corpus) :], vectors[: len(corpus)], correct)

@@ -34,6 +34,7 @@ from gantry.errors import (
 )
 from gantry.proc import redact_text
 from gantry.spec import Accelerator
+from gantry.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ def wait_healthy(
     url = running.base_url + health_path
     end = running.started_at + deadline_s
     last = "no answer yet"
-    with httpx.Client(timeout=2.0, trust_env=False) as http:
+    with httpx.Client(timeout=2.0, trust_env=False, verify=tls_context()) as http:
         while True:
             st = running.state()
             if st.get("Status") not in ("running", "created"):

@@ -17,6 +17,7 @@ from urllib.parse import urljoin
 import httpx
 
 from gantry.errors import RegistryError, RegistryUnavailableError
+from gantry.tls import tls_context
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -59,7 +60,7 @@ class RegistryClient:
         local = address.startswith(("127.", "localhost", "[::1]"))
         scheme = "http" if (insecure if insecure is not None else local) else "https"
         self.base = f"{scheme}://{address}"
-        self._http = httpx.Client(timeout=timeout_s)
+        self._http = httpx.Client(timeout=timeout_s, verify=tls_context())
 
     def close(self) -> None:
         self._http.close()

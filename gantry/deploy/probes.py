@@ -22,6 +22,7 @@ from gantry.adapters.haproxy import PROBE_HEADER, ROUTE_HEADER, Slot
 from gantry.canary import Quality
 from gantry.errors import EndpointResponseError, EndpointUnavailableError
 from gantry.spec import Protocol, ReleaseSpec
+from gantry.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class Prober:
                 self._retrieval = ev.load_retrieval_set(dataset)
         texts = [i.prompt for i in self._chat] or [i.query for i in self._retrieval]
         self._texts = itertools.cycle(texts or _FALLBACK_TEXTS)
-        self._http = httpx.Client(base_url=self.endpoint, timeout=self.timeout_s, trust_env=False)
+        self._http = httpx.Client(
+            base_url=self.endpoint, timeout=self.timeout_s, trust_env=False, verify=tls_context()
+        )
 
     def close(self) -> None:
         self._http.close()

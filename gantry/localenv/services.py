@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from gantry.errors import ServiceError
 from gantry.proc import pid_alive, which
 from gantry.settings import Settings
+from gantry.tls import tls_context
 
 
 class ServiceStatus(BaseModel):
@@ -93,19 +94,20 @@ class ManagedProcess:
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
-            r = httpx.get(self.url + self.health_path, timeout=timeout_s)
+            r = httpx.get(self.url + self.health_path, timeout=timeout_s, verify=tls_context())
         except httpx.HTTPError:
             return False
         return r.status_code == 200
 
-    def status(self) -> ServiceStatus:
+    def status(self, *, healthy: bool | None = None) -> ServiceStatus:
+        """Where it stands; ``healthy`` when the caller has just asked (one request less)."""
         pid = self.pid()
         return ServiceStatus(
             name=self.name,
             url=self.url,
             managed=True,
             running=pid is not None,
-            healthy=self.healthy(),
+            healthy=self.healthy() if healthy is None else healthy,
             pid=pid,
             log=str(self.logfile),
         )
@@ -120,11 +122,11 @@ class ManagedProcess:
         """Start the process unless it already answers; wait until it is healthy."""
         with _lock(self.run_dir / f"{self.name}.lock"):
             if self.healthy():
-                return self.status()
+                return self.status(healthy=True)
             if (pid := self.pid()) is not None:
                 # Ours but not answering (still starting, or wedged): give it a moment.
                 if self._wait_healthy(pid, min(self.startup_timeout_s, 30)):
-                    return self.status()
+                    return self.status(healthy=True)
                 self._terminate(pid)
             elif _port_busy(self.host, self.port):
                 raise ServiceError(
@@ -152,7 +154,7 @@ class ManagedProcess:
                     f"{self.startup_timeout_s:.0f}s; last log lines:\n{self._log_tail()}",
                     fix=f"read {self.logfile}; `gantry env down` then `gantry env up` retries",
                 )
-            return self.status()
+            return self.status(healthy=True)
 
     def _wait_healthy(
         self, pid: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
