@@ -212,9 +212,9 @@ def build(ctx: Context) -> Measured:
     """A code-only rebuild vs the cold build of the cold release; the image's size vs the
     same runtime built the naive way (bench/naive/Dockerfile)."""
     from gantry.adapters.docker_engine import connect
-    from gantry.results import WeightsResult
     from gantry.spec import load_spec
-    from tasks.build import build_image
+    from gantry.stages import build as build_stage
+    from gantry.stages.weights import WeightsResult
 
     b = ctx.bench
     cold_record, _ = ctx.cold()
@@ -232,7 +232,7 @@ def build(ctx: Context) -> Measured:
     try:
         for i in range(ctx.repeat):
             app.write_text(app.read_text() + f"\n# a code-only change ({i})\n")
-            r = build_image(spec, weights, b.settings, client)
+            r = build_stage.run(spec, weights, b.settings, client)
             assert not r.cached
             rebuilds.append(r.build_seconds)
         naive = _naive_sizes(client, b)
@@ -280,8 +280,8 @@ def _naive_sizes(client: Any, b: Bench) -> dict[str, int]:
     python image it needs and (for comparison) on the slim base Gantry's image uses."""
     from gantry.adapters import docker_engine
     from gantry.localenv.baseimages import ensure_base_image
+    from gantry.stages.build import assemble_context
     from gantry.wheelhouse import Wheelhouse
-    from tasks.build import assemble_context
 
     rt = ROOT / "dockerfiles" / "runtime"
     wheels = Wheelhouse(b.settings.wheelhouse_dir).ensure(
@@ -315,7 +315,7 @@ def hashing(ctx: Context) -> Measured:
     """The weights stage's verification (verify_snapshot: parallel sha256 of every file)
     vs `sha256sum` on the same files, both from the page cache; per core used."""
     from gantry.manifest import ManifestEntry, WeightsManifest, sha256_file
-    from tasks.weights import verify_snapshot
+    from gantry.stages.weights import verify_snapshot
 
     files, size_each = 4, 64 * 2**20
     with tempfile.TemporaryDirectory(prefix="hash-", dir=ctx.bench.state) as tmp:
@@ -387,13 +387,14 @@ end
 def evaluate(ctx: Context) -> Measured:
     """`evaluate`'s runner vs wrk, same endpoint (the signed image, served hardened as in
     the stage), same requests (the eval set's batches), same concurrency; alternated."""
-    from gantry import evaluation as ev
+    from gantry import scoring as ev
     from gantry.adapters import containers
     from gantry.adapters.docker_engine import connect
-    from gantry.results import BuildResult, WeightsResult
     from gantry.spec import load_spec
-    from tasks.evaluate import resolve_dataset
-    from tasks.smoke import start_runtime
+    from gantry.stages.build import BuildResult
+    from gantry.stages.evaluate import resolve_dataset
+    from gantry.stages.smoke import start_runtime
+    from gantry.stages.weights import WeightsResult
 
     b = ctx.bench
     cold_record, _ = ctx.cold()

@@ -2,7 +2,7 @@
 the `reevaluate` deployment of prefect.yaml; `gantry reevaluate` runs it by hand).
 
 Every model is checked before the run fails: one model's regression or error never keeps
-the others from being re-evaluated. The logic is in :mod:`tasks.reevaluate`.
+the others from being re-evaluated. The stage is :mod:`gantry.stages.reevaluate`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from gantry.errors import ReevaluationError
-from tasks.reevaluate import (
-    ReevaluateOptions,
-    ReevaluationReport,
-    reevaluate_model_task,
-    report_task,
-    select_task,
-)
+from gantry.stages.reevaluate import ReevaluateOptions, ReevaluationReport
+from tasks.reevaluate import reevaluate_model_task, report_task, select_task
 
 
 def _run_name() -> str:
@@ -48,7 +43,7 @@ def reevaluate(
     Fails (ReevaluationError, carrying the report) when any model regressed or could not
     be judged, after all of them were checked.
     """
-    from gantry.canary import now
+    from gantry.stages.canary.state import now
 
     opts = ReevaluateOptions.of(
         models=tuple(models or ()),

@@ -11,14 +11,18 @@ from prefect.runtime import flow_run
 from gantry.record import Recorder, ReleaseRecord, one_run_at_a_time
 from gantry.settings import Settings, get_settings
 from gantry.spec import ReleaseSpec, RetryPolicy
+from gantry.stages.evaluate import EvalResult
+from gantry.stages.register import RegisterResult, tracking_store_state
+from gantry.stages.scan import ScanResult
+from gantry.stages.smoke import SmokeResult
 from tasks._retry import with_retries
 from tasks.build import build_task
 from tasks.canary import canary_task
-from tasks.evaluate import EvalResult, evaluate_release_task
-from tasks.register import RegisterResult, register_task, tracking_store_state
-from tasks.scan import ScanResult, scan_task
+from tasks.evaluate import evaluate_task
+from tasks.register import register_task
+from tasks.scan import scan_task
 from tasks.sign import sign_task
-from tasks.smoke import SmokeResult, smoke_task
+from tasks.smoke import smoke_task
 from tasks.weights import weights_task
 
 P = ParamSpec("P")
@@ -68,7 +72,7 @@ def _stages(
     )
     evaluation = rec.run_stage(
         "evaluate",
-        lambda: run(evaluate_release_task, policy)(spec, build, weights, sign),
+        lambda: run(evaluate_task, policy)(spec, build, weights, sign),
         reuse=(EvalResult, served),
     )
     # A local tracking store untouched since this release last succeeded holds its

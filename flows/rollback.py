@@ -9,7 +9,8 @@ from __future__ import annotations
 from prefect import flow
 
 from gantry.settings import get_settings
-from tasks.canary import RollbackResult, prefect_hooks, rollback_model
+from gantry.stages.canary.rollback import RollbackResult, rollback_model
+from tasks.canary import prefect_hooks
 
 
 @flow(name="rollback", flow_run_name="rollback {model}", persist_result=False, log_prints=False)

@@ -264,7 +264,7 @@ class VulnDBUnavailableError(PermanentError):
 class ScanPolicyError(PermanentError):
     """Findings at or above scan.severity that no current allowlist entry suppresses.
 
-    ``blocking`` holds them (``gantry.scan_policy.Finding``), worst first.
+    ``blocking`` holds them (``gantry.adapters.trivy.Finding``), worst first.
     """
 
     fix = (
@@ -399,7 +399,7 @@ class RegistrationError(PermanentError):
 
 
 # --- evaluate (quality and latency gate) -------------------------------------------------
-# Raised by gantry.evaluation and tasks.evaluate.
+# Raised by gantry.scoring and gantry.stages.evaluate.
 
 
 class EvalSetError(PermanentError):
@@ -535,6 +535,11 @@ class ReleaseInProgressError(PermanentError):
 
 class CanaryLockedError(PermanentError):
     """Another canary of the same model holds the deployment's lock."""
+
+
+class InvalidTransitionError(PermanentError):
+    """An event that does not apply in the deployment's current phase (a bug, or a status
+    file edited by hand): nothing was changed."""
 
 
 class CanaryFailedError(PermanentError):

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from gantry.evaluation import percentiles
+from gantry.scoring import percentiles
 
 
 class Load:

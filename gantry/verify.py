@@ -46,7 +46,7 @@ def verify_artifacts(
     """Verify an image (by digest) and a weights snapshot against their signatures."""
     from gantry.adapters.model_signing import verify_weights
     from gantry.signing.image import verify_image
-    from tasks.weights import verify_snapshot
+    from gantry.stages.weights import verify_snapshot
 
     t0 = time.monotonic()
     if "@sha256:" not in image:

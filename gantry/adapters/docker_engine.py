@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import docker
 import docker.errors
@@ -23,7 +23,9 @@ from gantry.errors import (
     RegistryUnavailableError,
 )
 from gantry.proc import redact_text
-from gantry.results import Layer
+
+if TYPE_CHECKING:
+    from gantry.stages.build import Layer
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,8 @@ def _raise_push_error(repository: str, msg: str) -> None:
 
 def layers(client: DockerClient, image_id: str) -> list[Layer]:
     """The image's history, newest first, as Layer records."""
+    from gantry.stages.build import Layer  # here: the build stage imports this adapter
+
     out = []
     for h in client.api.history(image_id):
         created_by = re.sub(r"^/bin/sh -c (#\(nop\) )?", "", h.get("CreatedBy") or "").strip()

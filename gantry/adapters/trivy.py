@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,10 +39,46 @@ from gantry.errors import (
     VulnDBUnavailableError,
 )
 from gantry.proc import Completed, redact_argv, run, which
-from gantry.scan_policy import Finding
-from gantry.spec import Severity
+from gantry.spec import AllowlistEntry, Severity
 
 log = logging.getLogger("gantry.trivy")
+
+FindingKind = Literal["vulnerability", "misconfiguration"]
+
+
+class Finding(BaseModel):
+    """One vulnerability in a package, or one failed misconfiguration check."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: FindingKind
+    id: str = Field(description="CVE-/GHSA-… for vulnerabilities, AVD-DS-… for checks.")
+    aliases: tuple[str, ...] = Field(
+        default=(), description="Other ids the allowlist may use (e.g. DS002 for AVD-DS-0002)."
+    )
+    package: str | None = Field(
+        default=None, description="Package name; for a misconfiguration, the file checked."
+    )
+    installed_version: str | None = None
+    fixed_version: str | None = Field(
+        default=None, description="First fixed version; None when there is no fix yet."
+    )
+    severity: Severity
+    title: str = ""
+    url: str | None = None
+
+    @property
+    def unfixed(self) -> bool:
+        """A vulnerability with no fixed version (misconfigurations are always fixable)."""
+        return self.kind == "vulnerability" and not self.fixed_version
+
+    def matches(self, entry: AllowlistEntry) -> bool:
+        """Whether ``entry`` names this finding (id or alias; package, when it names one)."""
+        ids = {self.id.upper(), *(a.upper() for a in self.aliases)}
+        if entry.id.upper() not in ids:
+            return False
+        return entry.package is None or entry.package == self.package
+
 
 TRIVY_BIN_ENV = "TRIVY_BIN"
 INSTALL_HINT = (

@@ -38,7 +38,7 @@ def _remove_deployment(settings: Any) -> None:
     """This module's router and servers only (other modules keep theirs)."""
     from gantry.adapters.docker_engine import connect
     from gantry.deploy.docker import DockerTarget
-    from gantry.deploy.state import DeploymentStore
+    from gantry.stages.canary.state import DeploymentStore
 
     store = DeploymentStore(settings.deployments_dir, MODEL)
     client = connect(60)
@@ -95,17 +95,18 @@ def _swap_in_degraded_weights(gantry_env: GantryEnv) -> Path:
     from gantry.adapters.docker_engine import connect
     from gantry.adapters.haproxy import Slot
     from gantry.deploy.docker import DockerTarget
-    from gantry.deploy.state import DeploymentStore
     from gantry.settings import Settings
-    from tasks.canary import launch_for, release_from_record
-    from tasks.weights import WeightStore, fetch_weights
+    from gantry.stages import weights as weights_stage
+    from gantry.stages.canary.serving import launch_for, release_from_record
+    from gantry.stages.canary.state import DeploymentStore
+    from gantry.stages.weights import WeightStore
 
     settings = Settings.from_env(gantry_env.env)
     store = DeploymentStore(settings.deployments_dir, MODEL)
     status = store.load()
     assert status.champion is not None and status.port is not None
     release = release_from_record(Path(status.champion.record), "champion")
-    degraded = fetch_weights(
+    degraded = weights_stage.run(
         release.spec.source.model_copy(update={"revision": "degraded"}),
         WeightStore(settings.weights_dir),
     )
@@ -134,9 +135,14 @@ def test_a_champion_swapped_for_the_degraded_weights_is_reported_as_regressed(
     env: dict[str, str], gantry_env: GantryEnv, tmp_path: Path
 ) -> None:
     from gantry.adapters.mlflow_registry import CHAMPION
-    from gantry.deploy.state import DeploymentStore
     from gantry.settings import Settings
-    from tasks.reevaluate import EXPERIMENT, ReevaluateOptions, Target, reevaluate_model
+    from gantry.stages.canary.state import DeploymentStore
+    from gantry.stages.reevaluate import (
+        EXPERIMENT,
+        DeployedModel,
+        ReevaluateOptions,
+        reevaluate_model,
+    )
 
     spec = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
     spec["mlflow"] = {"model_name": MODEL}
@@ -177,7 +183,7 @@ def test_a_champion_swapped_for_the_degraded_weights_is_reported_as_regressed(
     dead = status.model_copy(update={"port": free_port()})
     opts = ReevaluateOptions(models=(MODEL,), endpoint_attempts=2, endpoint_retry_delay_s=0.2)
     t0 = time.monotonic()
-    down = reevaluate_model(Target(model=MODEL, status=dead), settings, opts)
+    down = reevaluate_model(DeployedModel(model=MODEL, status=dead), settings, opts)
     took["endpoint down (in process)"] = time.monotonic() - t0
     assert down.verdict == "no-verdict" and down.score is None, down.problems
     assert "no answer after 2 tries" in down.reasons[0] and "did not answer" in down.reasons[0]
@@ -196,7 +202,7 @@ def test_a_champion_swapped_for_the_degraded_weights_is_reported_as_regressed(
     moved.write_text(json.dumps(rec))
     champion = status.champion.model_copy(update={"record": str(moved)})
     missing = reevaluate_model(
-        Target(model=MODEL, status=status.model_copy(update={"champion": champion})),
+        DeployedModel(model=MODEL, status=status.model_copy(update={"champion": champion})),
         settings,
         opts,
     )

@@ -12,11 +12,12 @@ import pytest
 
 from gantry.adapters.registry import RegistryClient
 from gantry.errors import BaseImageError, RegistryUnavailableError, WeightsInContextError
-from gantry.results import WeightsResult
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec, parse_spec
-from tasks.build import build_image, project_root
-from tasks.weights import WeightStore, fetch_weights
+from gantry.stages import build as build_stage
+from gantry.stages import weights as weights_stage
+from gantry.stages.build import project_root
+from gantry.stages.weights import WeightsResult, WeightStore
 from tests.support import GantryEnv
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ def _spec(
 @pytest.fixture(scope="module")
 def weights(gantry_env: GantryEnv) -> WeightsResult:
     settings = Settings.from_env()
-    return fetch_weights(_spec(gantry_env).source, WeightStore(settings.weights_dir))
+    return weights_stage.run(_spec(gantry_env).source, WeightStore(settings.weights_dir))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="module")
 def built(gantry_env: GantryEnv, weights: WeightsResult, client: docker.DockerClient) -> object:
-    return build_image(_spec(gantry_env), weights, Settings.from_env(), client)
+    return build_stage.run(_spec(gantry_env), weights, Settings.from_env(), client)
 
 
 def _copy_runtime(tmp_path: Path) -> Path:
@@ -67,7 +68,7 @@ def _copy_runtime(tmp_path: Path) -> Path:
 def test_image_is_pushed_by_digest_and_hardened(
     built: object, gantry_env: GantryEnv, weights: WeightsResult, client: docker.DockerClient
 ) -> None:
-    from gantry.results import BuildResult
+    from gantry.stages.build import BuildResult
 
     assert isinstance(built, BuildResult)
     assert built.image == f"{gantry_env.registry}/gantry/build-stage@{built.digest}"
@@ -89,7 +90,7 @@ def test_image_is_pushed_by_digest_and_hardened(
 def test_no_weights_anywhere_in_the_image(
     built: object, client: docker.DockerClient, tmp_path: Path
 ) -> None:
-    from gantry.results import BuildResult
+    from gantry.stages.build import BuildResult
 
     assert isinstance(built, BuildResult)
     container = client.containers.create(built.image_id, entrypoint=["true"])
@@ -109,10 +110,10 @@ def test_no_weights_anywhere_in_the_image(
 def test_rebuild_is_cached(
     built: object, gantry_env: GantryEnv, weights: WeightsResult, client: docker.DockerClient
 ) -> None:
-    from gantry.results import BuildResult
+    from gantry.stages.build import BuildResult
 
     assert isinstance(built, BuildResult)
-    again = build_image(_spec(gantry_env), weights, Settings.from_env(), client)
+    again = build_stage.run(_spec(gantry_env), weights, Settings.from_env(), client)
     assert again.cached and again.digest == built.digest
 
 
@@ -123,13 +124,13 @@ def test_code_only_change_rebuilds_only_the_last_layer(
     client: docker.DockerClient,
     tmp_path: Path,
 ) -> None:
-    from gantry.results import BuildResult
+    from gantry.stages.build import BuildResult
 
     assert isinstance(built, BuildResult)
     rt = _copy_runtime(tmp_path)
     app = rt / "server" / "gantry_runtime" / "app.py"
     app.write_text(app.read_text() + "\n# a code-only change\n")
-    changed = build_image(_spec(gantry_env, rt), weights, Settings.from_env(), client)
+    changed = build_stage.run(_spec(gantry_env, rt), weights, Settings.from_env(), client)
     assert changed.digest != built.digest and not changed.cached
     before = client.api.inspect_image(built.image_id)["RootFS"]["Layers"]
     after = client.api.inspect_image(changed.image_id)["RootFS"]["Layers"]
@@ -143,7 +144,7 @@ def test_weights_in_context_are_refused(
     rt = _copy_runtime(tmp_path)
     shutil.copy(Path(weights.path) / "onnx" / "model.onnx", rt / "server" / "bundled.dat")
     with pytest.raises(WeightsInContextError, match="bundled.dat.*onnx/model.onnx"):
-        build_image(_spec(gantry_env, rt), weights, Settings.from_env())
+        build_stage.run(_spec(gantry_env, rt), weights, Settings.from_env())
 
 
 def test_unresolvable_base_image(
@@ -158,7 +159,7 @@ def test_unresolvable_base_image(
         )
     )
     with pytest.raises(BaseImageError, match="gantry-test/no-such-base:1"):
-        build_image(_spec(gantry_env, rt), weights, Settings.from_env())
+        build_stage.run(_spec(gantry_env, rt), weights, Settings.from_env())
 
 
 def test_registry_down_is_transient(gantry_env: GantryEnv, weights: WeightsResult) -> None:
@@ -166,4 +167,4 @@ def test_registry_down_is_transient(gantry_env: GantryEnv, weights: WeightsResul
 
     env = {**gantry_env.env, "GANTRY_REGISTRY": f"127.0.0.1:{free_port()}"}
     with pytest.raises(RegistryUnavailableError, match="gantry env up"):
-        build_image(_spec(gantry_env), weights, Settings.from_env(env))
+        build_stage.run(_spec(gantry_env), weights, Settings.from_env(env))

@@ -26,7 +26,7 @@ from gantry.errors import EndpointUnavailableError, QualityGateError
 from gantry.localhub.demo import degrade_onnx
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec, parse_spec
-from tasks.evaluate import EvalResult, evaluate
+from gantry.stages.evaluate import EvalResult, gate_endpoint
 from tests._model_fixture import MODEL_NAME, RUNTIME_SERVER_DIR, ensure_test_model
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="module")
 def real_result(real_url: str, settings: Settings) -> EvalResult:
-    return evaluate(make_spec(), real_url, settings)
+    return gate_endpoint(make_spec(), real_url, settings)
 
 
 def test_real_model_passes(real_result: EvalResult) -> None:
@@ -153,7 +153,7 @@ def test_degraded_model_fails_under_threshold_and_against_champion(
         return {"top1": champion, "mrr": 1.0}
 
     with pytest.raises(QualityGateError) as exc:
-        evaluate(make_spec(), degraded_url, settings, champion_metrics=champion_metrics)
+        gate_endpoint(make_spec(), degraded_url, settings, champion_metrics=champion_metrics)
     err = exc.value
     print(f"\ndegraded: {err}")
     assert seen == ["minilm"]
@@ -171,7 +171,7 @@ def test_regression_alone_fails_the_gate(
     """Over an (unrealistically low) threshold, the regression from the champion still fails."""
     assert real_result.score is not None
     with pytest.raises(QualityGateError) as exc:
-        evaluate(
+        gate_endpoint(
             make_spec(threshold=0.1),
             degraded_url,
             settings,
@@ -185,5 +185,5 @@ def test_endpoint_down_is_transient_not_a_verdict(settings: Settings) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(EndpointUnavailableError, match="after 3 attempts"):
-        evaluate(make_spec(), url, settings, attempts=3, backoff_s=0.05)
+        gate_endpoint(make_spec(), url, settings, attempts=3, backoff_s=0.05)
     assert time.monotonic() - t0 < 10

@@ -16,12 +16,14 @@ from pydantic import BaseModel
 
 from gantry.adapters.mlflow_registry import RELEASE_TAG, MlflowRegistry
 from gantry.errors import MLflowUnavailableError
-from gantry.results import BuildResult, Layer, WeightsResult
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec, Severity, parse_spec
-from tasks.register import RegisterResult, open_registry, record_run, register_release, source_uri
-from tasks.scan import ScanResult
-from tasks.sign import SignResult
+from gantry.stages import register
+from gantry.stages.build import BuildResult, Layer
+from gantry.stages.register import RegisterResult, open_registry, record_run, source_uri
+from gantry.stages.scan import ScanResult
+from gantry.stages.sign import SignResult
+from gantry.stages.weights import WeightsResult
 
 pytestmark = pytest.mark.integration
 
@@ -148,9 +150,13 @@ class Evidence:
 
 
 def _register(
-    spec: ReleaseSpec, ev: Evidence, settings: Settings, evaluation: BaseModel | None = None
+    spec: ReleaseSpec,
+    ev: Evidence,
+    settings: Settings,
+    evaluation: BaseModel | None = None,
+    flow_run_id: str | None = None,
 ) -> RegisterResult:
-    return register_release(
+    return register.run(
         spec,
         spec.release_id,
         ev.weights,
@@ -161,6 +167,7 @@ def _register(
         None,
         ev.record,
         settings,
+        flow_run_id=flow_run_id,
     )
 
 
@@ -264,6 +271,20 @@ def test_killed_before_alias_finishes_cleanly(
     result = _register(spec, ev, settings)
     assert result.cached and result.aliases == ("candidate",)
     assert _counts(registry, spec) == (1, 1)
+
+
+def test_flow_run_id_is_tagged_on_run_and_version(
+    state: Path, settings: Settings, tmp_path: Path
+) -> None:
+    """The Prefect task hands the flow run's id in as a plain value; outside a flow, none."""
+    ev, spec = Evidence(tmp_path), _spec("reg-flow-run", state)
+    result = _register(spec, ev, settings, flow_run_id="5f0c2a4e-flow-run")
+    assert result.tags["gantry.prefect_flow_run_id"] == "5f0c2a4e-flow-run"
+    run = open_registry(spec, settings).get_run(result.run_id)
+    assert run.data.tags["gantry.prefect_flow_run_id"] == "5f0c2a4e-flow-run"
+
+    other = _register(_spec("reg-no-flow-run", state), Evidence(tmp_path / "b"), settings)
+    assert "gantry.prefect_flow_run_id" not in other.tags
 
 
 def test_champion_metrics(state: Path, settings: Settings, tmp_path: Path) -> None:

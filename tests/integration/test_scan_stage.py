@@ -21,14 +21,14 @@ import pytest
 
 from gantry.adapters import docker_engine
 from gantry.adapters import trivy as trivy_adapter
+from gantry.adapters.trivy import Finding
 from gantry.errors import ScanPolicyError, VulnDBUnavailableError
-from gantry.results import BuildResult
-from gantry.scan_policy import Finding
 from gantry.settings import Settings
 from gantry.spec import AllowlistEntry, ScanOptions, Severity, parse_spec
-from tasks import scan as scan_stage
-from tasks.build import project_root
-from tasks.scan import ScanResult, run_scan, scan_image
+from gantry.stages import scan as scan_stage
+from gantry.stages.build import BuildResult, project_root
+from gantry.stages.scan import ScanResult, scan_image
+from tasks import scan as scan_face
 from tests.support import GantryEnv
 from tests.trivydb import CRITICAL_FIXED, HIGH_UNFIXED, build_db, push_db_artifact
 
@@ -135,7 +135,7 @@ def test_expired_allowlist_entry_fails_again(
 ) -> None:
     expired = _entry(CRITICAL_FIXED.id, days=-1)
     options = ScanOptions(allowlist=(expired,))
-    result = run_scan(image, RUNTIME_DOCKERFILE, options, tmp_path, fixture_cache)
+    result = scan_stage.run(image, RUNTIME_DOCKERFILE, options, tmp_path, fixture_cache)
     assert not result.passed and _ids(result.blocking) == [CRITICAL_FIXED.id]
     assert result.allowlist_expired == (expired,) and result.allowlist_used == ()
     assert any(f"{CRITICAL_FIXED.id} expired on" in w for w in result.warnings)
@@ -146,9 +146,11 @@ def test_expired_allowlist_entry_fails_again(
     assert ScanResult.model_validate_json(result.model_dump_json()) == result
     # Seen from tomorrow's point of view, an entry expiring today has lapsed too.
     today_only = ScanOptions(allowlist=(_entry(CRITICAL_FIXED.id, days=0),))
-    assert run_scan(image, RUNTIME_DOCKERFILE, today_only, tmp_path, fixture_cache).passed
+    assert scan_stage.run(image, RUNTIME_DOCKERFILE, today_only, tmp_path, fixture_cache).passed
     tomorrow = TODAY + timedelta(days=1)
-    later = run_scan(image, RUNTIME_DOCKERFILE, today_only, tmp_path, fixture_cache, today=tomorrow)
+    later = scan_stage.run(
+        image, RUNTIME_DOCKERFILE, today_only, tmp_path, fixture_cache, today=tomorrow
+    )
     assert not later.passed
 
 
@@ -223,7 +225,7 @@ def test_allow_offline_passes_unchecked_and_says_so(
     assert result.warnings[0].startswith("VULNERABILITIES WERE NOT CHECKED")
     assert "MANIFEST_UNKNOWN" in result.warnings[0]
     assert sum(result.counts.values()) == 0
-    markdown = scan_stage.summary_markdown(result)
+    markdown = scan_face.summary_markdown(result)
     assert markdown.startswith("# ⚠️ VULNERABILITIES WERE NOT CHECKED")
 
 
@@ -246,12 +248,14 @@ def test_db_is_downloaded_from_a_mirror_then_cached(
     push_db_artifact(gantry_env.registry, "gantry-test/trivy-db", "2", published)
     mirror = f"{gantry_env.registry}/gantry-test/trivy-db:2"
     cache = tmp_path / "cache"
-    fresh = run_scan(image, RUNTIME_DOCKERFILE, ScanOptions(db_repository=mirror), tmp_path, cache)
+    fresh = scan_stage.run(
+        image, RUNTIME_DOCKERFILE, ScanOptions(db_repository=mirror), tmp_path, cache
+    )
     assert fresh.db_status == "fresh" and fresh.vulnerabilities_checked
     assert _ids(fresh.blocking) == [CRITICAL_FIXED.id]
     assert (cache / "db" / "trivy.db").is_file()
     # A current DB is used without asking any repository: the mirror is not even tried.
-    again = run_scan(
+    again = scan_stage.run(
         image, RUNTIME_DOCKERFILE, ScanOptions(db_repository=no_mirror), tmp_path, cache
     )
     assert again.db_status == "cached" and _ids(again.blocking) == [CRITICAL_FIXED.id]
@@ -264,7 +268,7 @@ def test_stale_db_is_used_with_a_warning_when_it_cannot_be_updated(
     cache = tmp_path / "cache"
     old = datetime.now(UTC) - timedelta(days=3)
     build_db(cache, fixture=False, updated_at=old)
-    result = run_scan(
+    result = scan_stage.run(
         image, RUNTIME_DOCKERFILE, ScanOptions(db_repository=no_mirror), tmp_path, cache
     )
     assert result.db_status == "cached" and result.vulnerabilities_checked
@@ -296,8 +300,8 @@ def test_scan_task_artifacts_and_paths(
 
         return create
 
-    monkeypatch.setattr(scan_stage, "create_table_artifact", capture("table"))
-    monkeypatch.setattr(scan_stage, "create_markdown_artifact", capture("markdown"))
+    monkeypatch.setattr(scan_face, "create_table_artifact", capture("table"))
+    monkeypatch.setattr(scan_face, "create_markdown_artifact", capture("markdown"))
     spec = parse_spec(
         {
             "name": "scan-stage",
@@ -321,7 +325,7 @@ def test_scan_task_artifacts_and_paths(
         cached=False,
     )
     with pytest.raises(ScanPolicyError):
-        scan_stage.scan_task.fn(spec, build)
+        scan_face.scan_task.fn(spec, build)
     keys = [a["key"] for a in artifacts]
     assert keys == [
         "scan-stage-scan-findings",

@@ -23,14 +23,15 @@ from gantry.errors import (
 )
 from gantry.keyring import password, resolve_keys
 from gantry.manifest import WeightsManifest
-from gantry.results import BuildResult, WeightsResult
 from gantry.settings import Settings
 from gantry.signing.image import generate_keypair, sign_image
 from gantry.spec import ReleaseSpec, parse_spec
-from tasks.build import build_image
-from tasks.sign import SignResult, weights_signature_path
-from tasks.smoke import smoke_logs_path, smoke_test
-from tasks.weights import WeightStore, fetch_weights
+from gantry.stages import build as build_stage
+from gantry.stages import smoke
+from gantry.stages import weights as weights_stage
+from gantry.stages.build import BuildResult
+from gantry.stages.sign import SignResult, weights_signature_path
+from gantry.stages.weights import WeightsResult, WeightStore
 from tests.support import GantryEnv
 
 pytestmark = pytest.mark.integration
@@ -56,14 +57,14 @@ def client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="module")
 def weights(gantry_env: GantryEnv) -> WeightsResult:
-    return fetch_weights(_spec(gantry_env).source, WeightStore(Settings.from_env().weights_dir))
+    return weights_stage.run(_spec(gantry_env).source, WeightStore(Settings.from_env().weights_dir))
 
 
 @pytest.fixture(scope="module")
 def built(
     gantry_env: GantryEnv, weights: WeightsResult, client: docker.DockerClient
 ) -> BuildResult:
-    return build_image(_spec(gantry_env), weights, Settings.from_env(), client)
+    return build_stage.run(_spec(gantry_env), weights, Settings.from_env(), client)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_smoke_passes_on_the_real_image(
 ) -> None:
     spec = _spec(gantry_env)
     settings = Settings.from_env()
-    result = smoke_test(spec, built, weights, signed, settings, client)
+    result = smoke.run(spec, built, weights, signed, settings, client)
     assert result.image == built.image and result.attempts == 1
     assert result.provider == "CPUExecutionProvider" and result.accelerator_used == "cpu"
     assert result.gpus_requested is None
@@ -127,7 +128,7 @@ def test_smoke_passes_on_the_real_image(
     assert p.dimensions == 384
     assert p.cosine_similar is not None and p.cosine_dissimilar is not None
     assert p.cosine_similar > p.cosine_dissimilar
-    assert Path(result.logs_path) == smoke_logs_path(settings, spec.release_id)
+    assert Path(result.logs_path) == smoke.smoke_logs_path(settings, spec.release_id)
     assert Path(result.logs_path).is_file()
     assert _smoke_containers(client, spec) == []
 
@@ -144,10 +145,10 @@ def test_unhealthy_runtime_fails_fast_and_leaves_nothing(
     settings = Settings.from_env()
     t0 = time.monotonic()
     with pytest.raises(ContainerStartError, match="cannot be served") as info:
-        smoke_test(spec, built, weights, signed, settings, client)
+        smoke.run(spec, built, weights, signed, settings, client)
     assert time.monotonic() - t0 < 20 + 15  # verification + start + the deadline, at most
     assert info.value.logs_tail
-    assert smoke_logs_path(settings, spec.release_id).is_file()
+    assert smoke.smoke_logs_path(settings, spec.release_id).is_file()
     assert _smoke_containers(client, spec) == []
 
 
@@ -161,7 +162,7 @@ def test_health_never_green_times_out_at_the_deadline(
     spec = _spec(gantry_env, runtime={"health_path": "/no-such-health"}, smoke={"deadline_s": 8})
     t0 = time.monotonic()
     with pytest.raises(HealthTimeoutError, match="did not answer 200 within 8s"):
-        smoke_test(spec, built, weights, signed, Settings.from_env(), client)
+        smoke.run(spec, built, weights, signed, Settings.from_env(), client)
     assert time.monotonic() - t0 < 8 + 15
     assert _smoke_containers(client, spec) == []
 
@@ -178,7 +179,7 @@ def test_gpu_on_an_engine_without_gpu_runtime_fails_at_once(
     spec = _spec(gantry_env, smoke={"accelerator": "gpu"})
     t0 = time.monotonic()
     with pytest.raises(AcceleratorError, match="nvidia-ctk runtime configure"):
-        smoke_test(spec, built, weights, signed, Settings.from_env(), client)
+        smoke.run(spec, built, weights, signed, Settings.from_env(), client)
     assert time.monotonic() - t0 < 10
     assert _smoke_containers(client, spec) == []
 
@@ -195,7 +196,7 @@ def test_tampered_weights_are_refused_before_any_container(
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     tampered = weights.model_copy(update={"path": str(copy)})
     with pytest.raises((ChecksumMismatchError, WeightsSignatureError)):
-        smoke_test(_spec(gantry_env), built, tampered, signed, Settings.from_env(), _NoDocker())
+        smoke.run(_spec(gantry_env), built, tampered, signed, Settings.from_env(), _NoDocker())
 
 
 def test_image_signed_by_another_key_is_refused(
@@ -208,4 +209,4 @@ def test_image_signed_by_another_key_is_refused(
     _, other_pub = generate_keypair(tmp_path, "")
     forged = signed.model_copy(update={"public_key": str(other_pub)})
     with pytest.raises(SignatureVerificationError):
-        smoke_test(_spec(gantry_env), built, weights, forged, Settings.from_env(), _NoDocker())
+        smoke.run(_spec(gantry_env), built, weights, forged, Settings.from_env(), _NoDocker())

@@ -24,7 +24,8 @@ from gantry.errors import (
 from gantry.localhub.demo import DEMO_TOKEN, GATED_REPO_ID
 from gantry.manifest import WeightsManifest, sha256_file
 from gantry.spec import DEFAULT_ALLOW_PATTERNS, HubSource
-from tasks.weights import WeightStore, fetch_weights
+from gantry.stages import weights as weights_stage
+from gantry.stages.weights import WeightStore
 from tests.support import GantryEnv
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ def _downloads(env: GantryEnv) -> int:
 def test_download_verify_and_cache(gantry_env: GantryEnv, tmp_path: Path) -> None:
     store = WeightStore(tmp_path / "w")
     gantry_env.reset_hub_stats()
-    first = fetch_weights(_source(gantry_env), store)
+    first = weights_stage.run(_source(gantry_env), store)
     assert first.commit == gantry_env.revisions["v1"]
     assert not first.cached and first.downloaded_files == first.file_count > 3
     assert first.uri == f"hf://{gantry_env.repo_id}@{first.commit}"
@@ -62,21 +63,21 @@ def test_download_verify_and_cache(gantry_env: GantryEnv, tmp_path: Path) -> Non
 
     # Second run: the revision is resolved (one API call), nothing is downloaded.
     gantry_env.reset_hub_stats()
-    second = fetch_weights(_source(gantry_env), store)
+    second = weights_stage.run(_source(gantry_env), store)
     assert second.cached and second.downloaded_files == 0
     assert second.manifest_digest == first.manifest_digest and second.path == first.path
     assert _downloads(gantry_env) == 0
 
     # A pinned commit with a cached snapshot makes no hub request at all.
     gantry_env.reset_hub_stats()
-    pinned = fetch_weights(_source(gantry_env, revision=first.commit), store)
+    pinned = weights_stage.run(_source(gantry_env, revision=first.commit), store)
     assert pinned.cached and pinned.manifest_digest == first.manifest_digest
     stats = gantry_env.hub_stats()["requests"]
     assert stats["api"] == 0 and stats["download"] == 0  # type: ignore[index]
 
     # A revision sharing the model file downloads only what changed.
     gantry_env.reset_hub_stats()
-    v2 = fetch_weights(_source(gantry_env, revision="v2"), store)
+    v2 = weights_stage.run(_source(gantry_env, revision="v2"), store)
     assert v2.commit == gantry_env.revisions["v2"] and v2.manifest_digest != first.manifest_digest
     assert 0 < v2.downloaded_files < v2.file_count
     assert v2.downloaded_bytes < 2_000_000  # the 22 MiB model came from the blob store
@@ -87,7 +88,7 @@ def test_flipped_byte_in_cache_names_file_and_digests(
     gantry_env: GantryEnv, tmp_path: Path
 ) -> None:
     store = WeightStore(tmp_path / "w")
-    res = fetch_weights(_source(gantry_env), store)
+    res = weights_stage.run(_source(gantry_env), store)
     target = Path(res.path) / "onnx" / "model.onnx"
     expected = sha256_file(target)
     os.chmod(target, 0o644)
@@ -98,7 +99,7 @@ def test_flipped_byte_in_cache_names_file_and_digests(
         f.write(bytes([b[0] ^ 0xFF]))
     actual = sha256_file(target)
     with pytest.raises(ChecksumMismatchError) as e:
-        fetch_weights(_source(gantry_env), store)
+        weights_stage.run(_source(gantry_env), store)
     msg = str(e.value)
     assert "onnx/model.onnx" in msg and expected in msg and actual in msg
     assert not is_transient(e.value)
@@ -107,13 +108,13 @@ def test_flipped_byte_in_cache_names_file_and_digests(
 def test_unknown_repo_revision_and_gated(gantry_env: GantryEnv, tmp_path: Path) -> None:
     store = WeightStore(tmp_path / "w")
     with pytest.raises(RepoNotFoundError, match="fix:.*repo_id"):
-        fetch_weights(_source(gantry_env, repo_id="gantry-demo/no-such-model"), store)
+        weights_stage.run(_source(gantry_env, repo_id="gantry-demo/no-such-model"), store)
     with pytest.raises(RevisionNotFoundError, match="no-such-branch"):
-        fetch_weights(_source(gantry_env, revision="no-such-branch"), store)
+        weights_stage.run(_source(gantry_env, revision="no-such-branch"), store)
     with pytest.raises(GatedRepoError) as e:
-        fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID), store)
+        weights_stage.run(_source(gantry_env, repo_id=GATED_REPO_ID), store)
     assert "HF_TOKEN" in str(e.value) and "request access" in str(e.value)
-    ok = fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID), store, token=DEMO_TOKEN)
+    ok = weights_stage.run(_source(gantry_env, repo_id=GATED_REPO_ID), store, token=DEMO_TOKEN)
     assert ok.file_count > 3
     assert DEMO_TOKEN not in ok.model_dump_json()
 
@@ -121,7 +122,7 @@ def test_unknown_repo_revision_and_gated(gantry_env: GantryEnv, tmp_path: Path) 
 def test_hub_down_is_transient(tmp_path: Path) -> None:
     src = HubSource(repo_id="a/b", endpoint="http://127.0.0.1:9", timeout_s=3)
     with pytest.raises(HubUnavailableError) as e:
-        fetch_weights(src, WeightStore(tmp_path / "w"))
+        weights_stage.run(src, WeightStore(tmp_path / "w"))
     assert is_transient(e.value)
 
 
@@ -134,11 +135,11 @@ def test_hub_5xx_is_transient_and_recovers(gantry_env: GantryEnv, tmp_path: Path
     ).raise_for_status()
     try:
         with pytest.raises(HubUnavailableError, match="503") as e:
-            fetch_weights(_source(gantry_env), WeightStore(tmp_path / "w"))
+            weights_stage.run(_source(gantry_env), WeightStore(tmp_path / "w"))
         assert is_transient(e.value)
     finally:
         httpx.delete(faults, timeout=10)
-    assert fetch_weights(_source(gantry_env), WeightStore(tmp_path / "w")).file_count > 3
+    assert weights_stage.run(_source(gantry_env), WeightStore(tmp_path / "w")).file_count > 3
 
 
 def test_truncated_download_leaves_nothing(gantry_env: GantryEnv, tmp_path: Path) -> None:
@@ -149,7 +150,7 @@ def test_truncated_download_leaves_nothing(gantry_env: GantryEnv, tmp_path: Path
     ).raise_for_status()
     try:
         with pytest.raises(Exception):  # noqa: B017 (the client or our size check refuses)
-            fetch_weights(_source(gantry_env), store)
+            weights_stage.run(_source(gantry_env), store)
     finally:
         httpx.delete(faults, timeout=10)
     assert not list(store.blobs.iterdir()) or all(
@@ -157,7 +158,7 @@ def test_truncated_download_leaves_nothing(gantry_env: GantryEnv, tmp_path: Path
     )
     assert not list(store.tmp.iterdir())
     assert not list(store.snapshots.rglob("*.manifest.json"))
-    assert fetch_weights(_source(gantry_env), store).file_count > 3  # and a re-run finishes
+    assert weights_stage.run(_source(gantry_env), store).file_count > 3  # and a re-run finishes
 
 
 @contextlib.contextmanager
@@ -177,7 +178,7 @@ def test_disk_full_keeps_no_partial_file(gantry_env: GantryEnv, tmp_path: Path) 
     with _tmpfs(tmp_path / "small", "4m") as root:
         store = WeightStore(root)
         with pytest.raises(DiskFullError, match="no space left") as e:
-            fetch_weights(_source(gantry_env), store)
+            weights_stage.run(_source(gantry_env), store)
         assert "GANTRY_STATE_DIR" in str(e.value)
         leftovers = [p for p in root.rglob("*") if p.is_file()]
         assert leftovers == [], leftovers
@@ -185,8 +186,8 @@ def test_disk_full_keeps_no_partial_file(gantry_env: GantryEnv, tmp_path: Path) 
 
 def test_allow_patterns_select_files(gantry_env: GantryEnv, tmp_path: Path) -> None:
     store = WeightStore(tmp_path / "w")
-    only_json = fetch_weights(_source(gantry_env, allow_patterns=("*.json",)), store)
-    full = fetch_weights(_source(gantry_env, allow_patterns=DEFAULT_ALLOW_PATTERNS), store)
+    only_json = weights_stage.run(_source(gantry_env, allow_patterns=("*.json",)), store)
+    full = weights_stage.run(_source(gantry_env, allow_patterns=DEFAULT_ALLOW_PATTERNS), store)
     assert only_json.path != full.path  # the selection is part of the cache key
     names = {
         e.path
@@ -199,11 +200,11 @@ def test_allow_patterns_select_files(gantry_env: GantryEnv, tmp_path: Path) -> N
 
 def test_cached_gated_weights_still_need_a_token(gantry_env: GantryEnv, tmp_path: Path) -> None:
     store = WeightStore(tmp_path / "w")
-    ok = fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID), store, token=DEMO_TOKEN)
+    ok = weights_stage.run(_source(gantry_env, repo_id=GATED_REPO_ID), store, token=DEMO_TOKEN)
     with pytest.raises(GatedRepoError, match="no token"):
-        fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID), store)
+        weights_stage.run(_source(gantry_env, repo_id=GATED_REPO_ID), store)
     with pytest.raises(GatedRepoError, match="no token"):  # the no-request fast path too
-        fetch_weights(_source(gantry_env, repo_id=GATED_REPO_ID, revision=ok.commit), store)
-    assert fetch_weights(
+        weights_stage.run(_source(gantry_env, repo_id=GATED_REPO_ID, revision=ok.commit), store)
+    assert weights_stage.run(
         _source(gantry_env, repo_id=GATED_REPO_ID, revision=ok.commit), store, token=DEMO_TOKEN
     ).cached

@@ -33,7 +33,8 @@ from gantry.errors import ChecksumMismatchError, SpecError, UnsafePathError
 from gantry.localhub.store import HubStore
 from gantry.settings import Settings
 from gantry.spec import HubSource, ReleaseSpec, load_spec, parse_spec
-from tasks.weights import WeightStore, fetch_weights
+from gantry.stages import weights as weights_stage
+from gantry.stages.weights import WeightStore
 from tests.reliability.conftest import Scenario
 from tests.support import REPO_ROOT, GantryEnv
 
@@ -356,7 +357,7 @@ def test_hub_listing_an_escaping_name_is_refused(
     root = tmp_path / "weights"
     before = {p.name for p in tmp_path.parent.iterdir()}
     with pytest.raises(UnsafePathError) as exc:
-        fetch_weights(
+        weights_stage.run(
             HubSource(repo_id=repo_id, revision=tag, allow_patterns=("*",)), WeightStore(root)
         )
     assert repr(evil) in str(exc.value)
@@ -373,20 +374,20 @@ def test_symlink_in_cached_snapshot_is_refused(
     scenario.title = "a cached weights file replaced by a symlink to identical bytes"
     source = HubSource(repo_id=gantry_env.repo_id, revision="v1")
     store = WeightStore(tmp_path / "weights")
-    first = fetch_weights(source, store)
+    first = weights_stage.run(source, store)
     config = Path(first.path) / "config.json"
     outside = tmp_path / "outside.json"
     outside.write_bytes(config.read_bytes())
     config.unlink()
     config.symlink_to(outside)
     with pytest.raises(ChecksumMismatchError, match="symlink") as exc:
-        fetch_weights(source, store)
+        weights_stage.run(source, store)
     assert "delete" in str(exc.value)
     config.unlink()
     config.write_bytes(outside.read_bytes())  # the file back, and one more beside it
     (Path(first.path) / "extra.bin").write_bytes(b"\0")
     with pytest.raises(ChecksumMismatchError, match="does not list"):
-        fetch_weights(source, store)
+        weights_stage.run(source, store)
     scenario.outcome = "ChecksumMismatchError naming the file (and an added file too)"
 
 

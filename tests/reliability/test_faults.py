@@ -29,16 +29,19 @@ from gantry.adapters.registry import RegistryClient
 from gantry.errors import ChecksumMismatchError, ContainerStartError, HubAuthError, is_transient
 from gantry.localenv.services import ManagedProcess, registry_service
 from gantry.manifest import WeightsManifest
-from gantry.results import BuildResult, WeightsResult
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec, RetryPolicy, parse_spec
+from gantry.stages.build import BuildResult
+from gantry.stages.scan import ScanResult
+from gantry.stages.sign import SignResult
+from gantry.stages.weights import WeightsResult, WeightStore, verify_snapshot
 from tasks._retry import with_retries
 from tasks.build import build_task
 from tasks.register import register_task
-from tasks.scan import ScanResult, scan_task
-from tasks.sign import SignResult, sign_task
+from tasks.scan import scan_task
+from tasks.sign import sign_task
 from tasks.smoke import smoke_task
-from tasks.weights import WeightStore, verify_snapshot, weights_task
+from tasks.weights import weights_task
 from tests.reliability.conftest import HubFaults, RetryLog, Scenario
 from tests.reliability.netgate import TcpGate
 from tests.support import GantryEnv, free_port

@@ -7,8 +7,8 @@ import pytest
 
 from gantry.errors import BuildError, WeightsInContextError
 from gantry.manifest import ManifestEntry, WeightsManifest, sha256_file
+from gantry.stages.build import base_images, check_image_policy, check_no_weights, context_digest
 from gantry.wheelhouse import parse_lock
-from tasks.build import base_images, check_image_policy, check_no_weights, context_digest
 
 pytestmark = pytest.mark.unit
 

@@ -18,9 +18,10 @@ from gantry.adapters.haproxy import (
     parse_show_stat,
     render_config,
 )
-from gantry.canary import (
-    CanaryStatus,
-    Phase,
+from gantry.deploy.docker import apply_order, check_weights
+from gantry.errors import CanaryLockedError, SpecError
+from gantry.spec import CanaryOptions, parse_spec
+from gantry.stages.canary.analysis import (
     Quality,
     SlotWindow,
     WindowObservations,
@@ -28,12 +29,16 @@ from gantry.canary import (
     failed,
     judge,
     next_weight,
+    probes_wanted,
 )
-from gantry.deploy.docker import apply_order, check_weights
-from gantry.deploy.state import DeploymentStatus, DeploymentStore, Served, deployment_name
-from gantry.errors import CanaryLockedError, SpecError
-from gantry.spec import CanaryOptions, parse_spec
-from tasks.canary import probes_wanted
+from gantry.stages.canary.state import (
+    CanaryStatus,
+    DeploymentStatus,
+    DeploymentStore,
+    Phase,
+    Served,
+    deployment_name,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -98,7 +103,7 @@ def test_probes_make_up_for_thin_traffic_only() -> None:
 
 def test_the_traffic_observation_is_long_enough_for_the_probes_to_fill() -> None:
     from gantry.spec import CanaryOptions
-    from tasks.canary import min_observation_s, probes_per_check
+    from gantry.stages.canary.analysis import min_observation_s, probes_per_check
 
     default = CanaryOptions()
     # The defaults fill 20 requests at 5/s well within half a 30 s window.

@@ -106,6 +106,7 @@ EXPECTED: dict[str, Kind] = {
     "DeploymentNotFoundError": "permanent",
     "ChampionUnavailableError": "permanent",
     "CanaryLockedError": "permanent",
+    "InvalidTransitionError": "permanent",
     "CanaryFailedError": "permanent",
     "ApprovalRejectedError": "permanent",
     # re-evaluation of live champions

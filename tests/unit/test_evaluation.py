@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gantry import evaluation as ev
+from gantry import scoring as ev
 from gantry.errors import EndpointResponseError, EndpointUnavailableError, EvalSetError
 from gantry.spec import EvalOptions
 
@@ -308,11 +308,11 @@ def test_run_chat_streams_scores_and_measures_ttft() -> None:
 def test_stage_without_dataset_is_skipped_with_a_warning(tmp_path: Path) -> None:
     from gantry.settings import Settings
     from gantry.spec import parse_spec
-    from tasks.evaluate import evaluate
+    from gantry.stages.evaluate import gate_endpoint
 
     spec = parse_spec({"name": "minilm", "source": {"repo_id": "a/b"}})
     settings = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path)})
-    result = evaluate(spec, "http://127.0.0.1:1", settings)
+    result = gate_endpoint(spec, "http://127.0.0.1:1", settings)
     assert result.skipped and result.passed and result.score is None
     assert result.warning is not None and "evaluate.dataset" in result.warning
 
@@ -321,7 +321,7 @@ def test_stage_refuses_a_metric_of_the_other_protocol(tmp_path: Path) -> None:
     from gantry.errors import ConfigError
     from gantry.settings import Settings
     from gantry.spec import parse_spec
-    from tasks.evaluate import evaluate
+    from gantry.stages.evaluate import gate_endpoint
 
     spec = parse_spec(
         {
@@ -332,4 +332,4 @@ def test_stage_refuses_a_metric_of_the_other_protocol(tmp_path: Path) -> None:
     )
     settings = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path)})
     with pytest.raises(ConfigError, match="one of top1, mrr"):
-        evaluate(spec, "http://127.0.0.1:1", settings)
+        gate_endpoint(spec, "http://127.0.0.1:1", settings)

@@ -12,40 +12,39 @@ from typing import Any, Literal
 import pytest
 
 from gantry.adapters.haproxy import Slot
-from gantry.canary import CanaryStatus, Phase
-from gantry.deploy.state import DeploymentStatus, Served
 from gantry.errors import ConfigError, EndpointResponseError, EndpointUnavailableError
 from gantry.record import StageRecord, StageStatus
+from gantry.scoring import gate
 from gantry.settings import Settings
 from gantry.spec import EvalOptions
-from tasks.canary import RollbackResult
-from tasks.evaluate import EvalResult
-from tasks.reevaluate import (
+from gantry.stages.canary.rollback import RollbackResult
+from gantry.stages.canary.state import CanaryStatus, DeploymentStatus, Phase, Served
+from gantry.stages.evaluate import EvalResult
+from gantry.stages.reevaluate import (
     EVENT_NO_VERDICT,
     EVENT_REGRESSED,
     SCANNED_AT_TAG,
+    DeployedModel,
     ModelReevaluation,
     ReevalHooks,
     ReevaluateOptions,
     ReevaluationReport,
     ScanCheck,
-    Target,
-    _Acc,
     _act,
+    _Outcome,
     baseline_of,
     drift_of,
     eval_set_changed,
     is_stale,
-    judge,
     last_scan_at,
     measure_with_retries,
     reevaluate_all,
     reevaluate_model,
-    report_table,
     rollback_possible,
     select_targets,
 )
-from tasks.scan import ScanResult
+from gantry.stages.scan import ScanResult
+from tasks.reevaluate import report_table
 
 pytestmark = pytest.mark.unit
 
@@ -70,6 +69,13 @@ def _served(version: str, slot: Slot = Slot.A) -> Served:
 
 
 # --- the verdict ----------------------------------------------------------------------------
+
+
+def judge(score: float, baseline: float | None, opts: EvalOptions) -> tuple[bool, tuple[str, ...]]:
+    """(regressed, why) as the re-evaluation decides it: the release's own gate against the
+    score the version was accepted with."""
+    verdict = gate(score, opts, baseline)
+    return not verdict.passed, verdict.reasons
 
 
 def test_a_score_within_tolerance_of_the_accepted_one_is_no_regression() -> None:
@@ -257,11 +263,11 @@ def test_only_deployments_with_a_champion_are_chosen_unless_named(tmp_path: Path
 
 def test_a_model_without_a_deployment_is_an_error_result_not_an_exception() -> None:
     r = reevaluate_model(
-        Target(model="x", problem="x has no deployment"), SETTINGS, ReevaluateOptions()
+        DeployedModel(model="x", problem="x has no deployment"), SETTINGS, ReevaluateOptions()
     )
     assert r.verdict == "error" and r.problems == ["error: x has no deployment"]
     no_champ = reevaluate_model(
-        Target(model="b", status=_status("b")), SETTINGS, ReevaluateOptions()
+        DeployedModel(model="b", status=_status("b")), SETTINGS, ReevaluateOptions()
     )
     assert no_champ.verdict == "error" and "no champion" in no_champ.reasons[0]
 
@@ -269,13 +275,13 @@ def test_a_model_without_a_deployment_is_an_error_result_not_an_exception() -> N
 def test_an_unexpected_failure_is_that_models_error_not_the_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import tasks.reevaluate as mod
+    import gantry.stages.reevaluate as mod
 
     def broken(path: Path, what: str) -> Any:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(mod, "release_from_record", broken)
-    target = Target(model="m", status=_status("m", champion=_served("2")))
+    target = DeployedModel(model="m", status=_status("m", champion=_served("2")))
     r = reevaluate_model(target, SETTINGS, ReevaluateOptions())
     assert r.verdict == "error" and r.error is not None and r.error.type == "RuntimeError"
     assert r.problems == ["error: RuntimeError: boom"]
@@ -316,8 +322,8 @@ class Recorder:
         )
 
 
-def _outcome(verdict: str, **values: Any) -> _Acc:
-    acc = _Acc(model="m", started_at=NOW, t0=0.0)
+def _outcome(verdict: str, **values: Any) -> _Outcome:
+    acc = _Outcome(model="m", started_at=NOW, t0=0.0)
     acc.set(verdict=verdict, version="2", **values)
     return acc
 

@@ -15,15 +15,15 @@ from gantry.adapters.mlflow_registry import map_error, sqlite_path, store_state
 from gantry.errors import MLflowUnavailableError, RegistrationError, TransientError
 from gantry.settings import Settings
 from gantry.spec import parse_spec
-from tasks.register import (
+from gantry.stages.register import (
     REDACTED,
     RegisterResult,
     default_tracking_uri,
     flatten_params,
     numeric_fields,
     spec_params,
-    summary_markdown,
 )
+from tasks.register import summary_markdown
 
 pytestmark = pytest.mark.unit
 

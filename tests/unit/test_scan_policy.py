@@ -1,4 +1,4 @@
-"""The vulnerability gate (gantry.scan_policy): pure decisions over findings."""
+"""The vulnerability gate (gantry.stages.scan.policy): pure decisions over findings."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
+from gantry.adapters.trivy import Finding
 from gantry.errors import SpecError
-from gantry.scan_policy import (
-    Finding,
+from gantry.spec import AllowlistEntry, ScanOptions, Severity, parse_spec
+from gantry.stages.scan.policy import (
+    decide,
     describe_findings,
-    evaluate,
     severity_counts,
     worst_first,
 )
-from gantry.spec import AllowlistEntry, ScanOptions, Severity, parse_spec
 
 pytestmark = pytest.mark.unit
 
@@ -68,14 +68,14 @@ def opts(**kw: Any) -> ScanOptions:
 
 
 def test_no_findings_passes_with_zero_counts() -> None:
-    d = evaluate([], opts(), TODAY)
+    d = decide([], opts(), TODAY)
     assert d.passed and d.blocking == ()
     assert d.counts_before == {s.value: 0 for s in reversed(Severity)}
     assert list(d.counts_before) == ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
 
 
 def test_critical_fails_at_the_default_threshold() -> None:
-    d = evaluate([vuln()], opts(), TODAY)
+    d = decide([vuln()], opts(), TODAY)
     assert not d.passed
     assert [f.id for f in d.blocking] == ["CVE-2024-0001"]
     assert d.counts_before["CRITICAL"] == d.counts_after["CRITICAL"] == 1
@@ -83,22 +83,22 @@ def test_critical_fails_at_the_default_threshold() -> None:
 
 def test_high_does_not_block_at_critical_but_does_at_high() -> None:
     findings = [vuln(severity=Severity.HIGH)]
-    assert evaluate(findings, opts(), TODAY).passed
-    d = evaluate(findings, opts(severity=Severity.HIGH), TODAY)
+    assert decide(findings, opts(), TODAY).passed
+    d = decide(findings, opts(severity=Severity.HIGH), TODAY)
     assert not d.passed and d.blocking[0].severity is Severity.HIGH
     # Lower severities are counted but never block at HIGH.
-    d = evaluate([vuln(severity=Severity.MEDIUM)], opts(severity=Severity.HIGH), TODAY)
+    d = decide([vuln(severity=Severity.MEDIUM)], opts(severity=Severity.HIGH), TODAY)
     assert d.passed and d.counts_after["MEDIUM"] == 1
 
 
 def test_unknown_threshold_blocks_everything() -> None:
-    d = evaluate([vuln(severity=Severity.UNKNOWN)], opts(severity=Severity.UNKNOWN), TODAY)
+    d = decide([vuln(severity=Severity.UNKNOWN)], opts(severity=Severity.UNKNOWN), TODAY)
     assert not d.passed
 
 
 def test_allowlisted_passes_and_is_reported() -> None:
     e = entry()
-    d = evaluate([vuln()], opts(allowlist=(e,)), TODAY)
+    d = decide([vuln()], opts(allowlist=(e,)), TODAY)
     assert d.passed
     assert [(s.finding.id, s.entry) for s in d.suppressed] == [("CVE-2024-0001", e)]
     assert d.entries_used == (e,) and d.entries_expired == () and d.unused_entries == ()
@@ -107,12 +107,12 @@ def test_allowlisted_passes_and_is_reported() -> None:
 
 def test_entry_suppresses_through_its_expiry_day_inclusive() -> None:
     e = entry(expires=TODAY)
-    assert evaluate([vuln()], opts(allowlist=(e,)), TODAY).passed
+    assert decide([vuln()], opts(allowlist=(e,)), TODAY).passed
 
 
 def test_expired_entry_fails_again_and_is_reported() -> None:
     e = entry(expires=TODAY - timedelta(days=1))
-    d = evaluate([vuln()], opts(allowlist=(e,)), TODAY)
+    d = decide([vuln()], opts(allowlist=(e,)), TODAY)
     assert not d.passed
     assert d.suppressed == ()
     assert [(s.finding.id, s.entry) for s in d.expired] == [("CVE-2024-0001", e)]
@@ -122,56 +122,56 @@ def test_expired_entry_fails_again_and_is_reported() -> None:
 
 def test_active_entry_wins_over_an_expired_one() -> None:
     old, new = entry(expires=TODAY - timedelta(days=90)), entry(expires=TODAY + timedelta(days=1))
-    d = evaluate([vuln()], opts(allowlist=(old, new)), TODAY)
+    d = decide([vuln()], opts(allowlist=(old, new)), TODAY)
     assert d.passed and d.suppressed[0].entry == new and d.expired == ()
 
 
 def test_the_latest_lapsed_entry_is_the_one_reported() -> None:
     a, b = entry(expires=TODAY - timedelta(days=90)), entry(expires=TODAY - timedelta(days=2))
-    d = evaluate([vuln()], opts(allowlist=(a, b)), TODAY)
+    d = decide([vuln()], opts(allowlist=(a, b)), TODAY)
     assert d.expired[0].entry == b
 
 
 def test_package_scoped_entry_only_suppresses_that_package() -> None:
     e = entry(package="openssl")
     findings = [vuln(package="openssl"), vuln(package="libssl3")]
-    d = evaluate(findings, opts(allowlist=(e,)), TODAY)
+    d = decide(findings, opts(allowlist=(e,)), TODAY)
     assert [s.finding.package for s in d.suppressed] == ["openssl"]
     assert [f.package for f in d.blocking] == ["libssl3"]
 
 
 def test_entry_for_another_id_suppresses_nothing_and_is_unused() -> None:
     e = entry(id="CVE-2024-9999")
-    d = evaluate([vuln()], opts(allowlist=(e,)), TODAY)
+    d = decide([vuln()], opts(allowlist=(e,)), TODAY)
     assert not d.passed and d.unused_entries == (e,)
 
 
 def test_ids_match_case_insensitively() -> None:
-    assert evaluate([vuln()], opts(allowlist=(entry(id="cve-2024-0001"),)), TODAY).passed
+    assert decide([vuln()], opts(allowlist=(entry(id="cve-2024-0001"),)), TODAY).passed
 
 
 def test_unfixed_is_ignored_only_when_asked() -> None:
     unfixed = vuln(fixed=None)
-    assert not evaluate([unfixed], opts(), TODAY).passed
-    d = evaluate([unfixed, vuln(id="CVE-2024-0002")], opts(ignore_unfixed=True), TODAY)
+    assert not decide([unfixed], opts(), TODAY).passed
+    d = decide([unfixed, vuln(id="CVE-2024-0002")], opts(ignore_unfixed=True), TODAY)
     assert [f.id for f in d.ignored_unfixed] == ["CVE-2024-0001"]
     assert [f.id for f in d.blocking] == ["CVE-2024-0002"]  # fixed ones still count
     assert d.counts_before["CRITICAL"] == 2 and d.counts_after["CRITICAL"] == 1
 
 
 def test_empty_fixed_version_counts_as_unfixed() -> None:
-    d = evaluate([vuln(fixed="")], opts(ignore_unfixed=True), TODAY)
+    d = decide([vuln(fixed="")], opts(ignore_unfixed=True), TODAY)
     assert d.passed and len(d.ignored_unfixed) == 1
 
 
 def test_misconfigurations_are_gated_the_same_way() -> None:
     m = misconfig(severity=Severity.CRITICAL)
-    assert not evaluate([m], opts(), TODAY).passed
+    assert not decide([m], opts(), TODAY).passed
     # ignore_unfixed never drops a misconfiguration: editing the Dockerfile fixes it.
-    assert not evaluate([m], opts(ignore_unfixed=True), TODAY).passed
-    assert evaluate([m], opts(allowlist=(entry(id="AVD-DS-0002"),)), TODAY).passed
+    assert not decide([m], opts(ignore_unfixed=True), TODAY).passed
+    assert decide([m], opts(allowlist=(entry(id="AVD-DS-0002"),)), TODAY).passed
     expired = entry(id="AVD-DS-0002", expires=TODAY - timedelta(days=1))
-    assert not evaluate([m], opts(allowlist=(expired,)), TODAY).passed
+    assert not decide([m], opts(allowlist=(expired,)), TODAY).passed
 
 
 def test_misconfiguration_is_allowlisted_by_avd_id_and_file() -> None:
@@ -180,9 +180,9 @@ def test_misconfiguration_is_allowlisted_by_avd_id_and_file() -> None:
     # short DS002 is kept as an alias for display and future use).
     assert m.matches(entry(id="AVD-DS-0002")) and not m.matches(entry(id="AVD-DS-0001"))
     scoped = entry(id="AVD-DS-0002", package="Dockerfile")
-    assert evaluate([m], opts(allowlist=(scoped,)), TODAY).passed
+    assert decide([m], opts(allowlist=(scoped,)), TODAY).passed
     other = entry(id="AVD-DS-0002", package="other.Dockerfile")
-    assert not evaluate([m], opts(allowlist=(other,)), TODAY).passed
+    assert not decide([m], opts(allowlist=(other,)), TODAY).passed
 
 
 def test_blocking_is_worst_first_and_stable() -> None:
@@ -191,7 +191,7 @@ def test_blocking_is_worst_first_and_stable() -> None:
         vuln(id="CVE-2024-0002", severity=Severity.CRITICAL),
         vuln(id="CVE-2024-0001", severity=Severity.CRITICAL),
     ]
-    d = evaluate(findings, opts(severity=Severity.HIGH), TODAY)
+    d = decide(findings, opts(severity=Severity.HIGH), TODAY)
     assert [f.id for f in d.blocking] == ["CVE-2024-0001", "CVE-2024-0002", "CVE-2024-0003"]
     assert worst_first(reversed(findings)) == d.blocking
 
@@ -202,7 +202,7 @@ def test_severity_counts_has_every_severity() -> None:
 
 
 def test_decision_is_frozen_and_serialisable() -> None:
-    d = evaluate([vuln()], opts(allowlist=(entry(expires=TODAY - timedelta(days=1)),)), TODAY)
+    d = decide([vuln()], opts(allowlist=(entry(expires=TODAY - timedelta(days=1)),)), TODAY)
     with pytest.raises(ValueError):
         d.threshold = Severity.LOW  # type: ignore[misc]
     dumped = d.model_dump(mode="json")

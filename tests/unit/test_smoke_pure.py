@@ -18,7 +18,7 @@ from gantry.errors import (
     is_transient,
 )
 from gantry.spec import Accelerator, parse_spec
-from tasks import smoke
+from gantry.stages import smoke
 
 pytestmark = pytest.mark.unit
 

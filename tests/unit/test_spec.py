@@ -124,7 +124,7 @@ def test_gpu_memory_utilization_env_var_is_refused() -> None:
 
 
 def test_example_eval_sets_load() -> None:
-    from gantry.evaluation import load_chat_set, load_retrieval_set
+    from gantry.scoring import load_chat_set, load_retrieval_set
 
     root = Path(__file__).resolve().parents[2] / "examples" / "eval"
     assert len(load_retrieval_set(root / "minilm-retrieval.jsonl")) >= 200

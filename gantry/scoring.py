@@ -1,6 +1,8 @@
-"""Evaluation against a served OpenAI-compatible endpoint: eval sets, scorers, runner, gate.
+"""Scoring a served OpenAI-compatible endpoint: eval sets, scorers, runner, gate, percentiles.
 
-Prefect-free so it can be unit-tested and reused. Two kinds of eval set (JSONL):
+The library under stage `evaluate` (:mod:`gantry.stages.evaluate`), the canary's probes and
+the load generator; Prefect-free so it can be unit-tested and reused. Two kinds of eval set
+(JSONL):
 
 * embeddings retrieval, ``{"query", "passage", "id"}``: every query's correct passage is its
   own pair's; the corpus is every distinct passage of the set. Scores: top-1 accuracy, MRR.

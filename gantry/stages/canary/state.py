@@ -1,9 +1,11 @@
-"""A deployment's durable status and its lock, under ``<state dir>/deployments/<model>/``.
+"""A deployment's durable state and its lock, under ``<state dir>/deployments/<model>/``.
 
-``status.json`` says what serves where (champion, candidate, a previous champion kept
-warm) and holds the current canary's :class:`~gantry.canary.CanaryStatus`; it is written
-atomically at every transition, so whatever kills a run, the next one (or
-``gantry rollback``) knows what to undo. Finished canaries are kept under ``history/``.
+``status.json`` (:class:`DeploymentStatus`) says what serves where (champion, candidate,
+a previous champion kept warm, a champion being withdrawn by ``gantry rollback``) and
+holds the current canary's :class:`CanaryStatus`. It is written atomically before every
+action (see :mod:`gantry.stages.canary.machine`), so whatever kills a run, the next one
+(or ``gantry rollback``) knows what to finish or undo. Finished canaries are kept under
+``history/``.
 
 ``lock`` is an advisory ``flock``: one canary (or rollback) per model at a time. The
 kernel drops it when its holder dies, so a killed run never leaves a stale lock.
@@ -16,18 +18,85 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.adapters.haproxy import Slot
 from gantry.atomicfile import write_atomic
-from gantry.canary import CanaryStatus, now
 from gantry.errors import CanaryLockedError, ConfigError, DeploymentStatusUnreadableError
 from gantry.locks import exclusive
+from gantry.stages.canary.analysis import StepVerdict
 
 log = logging.getLogger(__name__)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Phase(StrEnum):
+    """Where a canary is. Only ``succeeded`` and ``rolled-back`` are final."""
+
+    INITIALIZING = "initializing"
+    """Candidate verified and starting beside the champion; it has no traffic yet."""
+    PROGRESSING = "progressing"
+    """The candidate holds ``weight`` % of traffic and its analysis window is running."""
+    WAITING_APPROVAL = "waiting-approval"
+    """Every window passed; a person must approve the step to 100 %."""
+    PROMOTING = "promoting"
+    """Every check passed: traffic goes to the candidate and the alias moves. A run
+    killed here is finished (not rolled back) when the release is run again."""
+    SUCCEEDED = "succeeded"
+    """The candidate is the champion; the previous one may still be kept warm."""
+    ROLLING_BACK = "rolling-back"
+    """A check failed (or a rollback was asked for): the candidate is being taken out."""
+    ROLLED_BACK = "rolled-back"
+    """The champion serves all traffic again; the candidate is gone."""
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.ROLLED_BACK)
+
+
+class CanaryStatus(BaseModel):
+    """The durable status of one canary (written at every transition)."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    model: str
+    release_id: str
+    candidate_version: str
+    champion_version: str | None
+    phase: Phase = Phase.INITIALIZING
+    weight: int = 0
+    step: int = Field(default=0, description="Index into `steps` of the current step.")
+    steps: tuple[int, ...]
+    failed_checks: tuple[str, ...] = ()
+    verdicts: list[StepVerdict] = Field(default_factory=list)
+    started_at: datetime = Field(default_factory=now)
+    last_transition_at: datetime = Field(default_factory=now)
+    first_failure_at: datetime | None = Field(
+        default=None, description="When a check first failed (decision-time measurements)."
+    )
+    weight_zero_at: datetime | None = Field(
+        default=None, description="When a rollback took the candidate's weight to 0."
+    )
+    decided_at: datetime | None = None
+    message: str = ""
+
+    @property
+    def active(self) -> bool:
+        return not self.phase.final
+
+    def to(self, phase: Phase, message: str | None = None, at: datetime | None = None) -> None:
+        self.phase, self.last_transition_at = phase, at or now()
+        if message is not None:
+            self.message = message
+        if phase.final:
+            self.decided_at = self.last_transition_at
 
 
 class Served(BaseModel):
@@ -61,6 +130,11 @@ class DeploymentStatus(BaseModel):
     previous_retired: bool = Field(
         default=True, description="The previous champion's container was removed."
     )
+    withdrawing: Served | None = Field(
+        default=None,
+        description="A champion `gantry rollback` is taking out (the previous one serves "
+        "again); set until its server is removed, so a killed rollback is finished.",
+    )
     canary: CanaryStatus | None = None
     updated_at: datetime = Field(default_factory=now)
 
@@ -69,6 +143,19 @@ class DeploymentStatus(BaseModel):
             if s is not None and s.version == version:
                 return s.slot
         return None
+
+    @property
+    def active_canary(self) -> CanaryStatus | None:
+        """The canary in progress (not finished), if any."""
+        return self.canary if self.canary is not None and self.canary.active else None
+
+    def slots_in_use(self) -> frozenset[Slot]:
+        """The slots some version of the deployment accounts for; anything in another
+        slot is an orphan (a run killed between starting a container and recording it)."""
+        used = {s.slot for s in (self.champion, self.candidate, self.withdrawing) if s}
+        if self.previous is not None and not self.previous_retired:
+            used.add(self.previous.slot)
+        return frozenset(used)
 
     def free_slot(self) -> Slot:
         """The slot the champion does not use."""

@@ -1,6 +1,6 @@
-"""The vulnerability and misconfiguration gate: pure policy over scanner findings.
+"""The vulnerability and misconfiguration gate of stage `scan`: pure policy over findings.
 
-``evaluate`` decides, for one image, which findings block the release. Nothing here runs
+``decide`` says, for one image, which findings block the release. Nothing here runs
 a scanner or reads a clock: the caller passes the findings and today's date, so every
 decision is reproducible from the release record.
 
@@ -14,49 +14,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import date
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gantry.adapters.trivy import Finding
 from gantry.spec import AllowlistEntry, ScanOptions, Severity
-
-FindingKind = Literal["vulnerability", "misconfiguration"]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Finding(_Frozen):
-    """One vulnerability in a package, or one failed misconfiguration check."""
-
-    kind: FindingKind
-    id: str = Field(description="CVE-/GHSA-… for vulnerabilities, AVD-DS-… for checks.")
-    aliases: tuple[str, ...] = Field(
-        default=(), description="Other ids the allowlist may use (e.g. DS002 for AVD-DS-0002)."
-    )
-    package: str | None = Field(
-        default=None, description="Package name; for a misconfiguration, the file checked."
-    )
-    installed_version: str | None = None
-    fixed_version: str | None = Field(
-        default=None, description="First fixed version; None when there is no fix yet."
-    )
-    severity: Severity
-    title: str = ""
-    url: str | None = None
-
-    @property
-    def unfixed(self) -> bool:
-        """A vulnerability with no fixed version (misconfigurations are always fixable)."""
-        return self.kind == "vulnerability" and not self.fixed_version
-
-    def matches(self, entry: AllowlistEntry) -> bool:
-        """Whether ``entry`` names this finding (id or alias; package, when it names one)."""
-        ids = {self.id.upper(), *(a.upper() for a in self.aliases)}
-        if entry.id.upper() not in ids:
-            return False
-        return entry.package is None or entry.package == self.package
 
 
 class Suppression(_Frozen):
@@ -120,7 +86,7 @@ def _unique(entries: Iterable[AllowlistEntry]) -> tuple[AllowlistEntry, ...]:
     return tuple(out)
 
 
-def evaluate(findings: Sequence[Finding], options: ScanOptions, today: date) -> GateDecision:
+def decide(findings: Sequence[Finding], options: ScanOptions, today: date) -> GateDecision:
     """Apply ``options`` (threshold, ignore_unfixed, allowlist) to ``findings`` on ``today``."""
     ignored: list[Finding] = []
     suppressed: list[Suppression] = []

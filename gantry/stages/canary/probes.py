@@ -17,11 +17,11 @@ from pathlib import Path
 
 import httpx
 
-from gantry import evaluation as ev
+from gantry import scoring as ev
 from gantry.adapters.haproxy import PROBE_HEADER, ROUTE_HEADER, Slot
-from gantry.canary import Quality
 from gantry.errors import EndpointResponseError, EndpointUnavailableError
 from gantry.spec import Protocol, ReleaseSpec
+from gantry.stages.canary.analysis import Quality
 from gantry.tls import tls_context
 
 log = logging.getLogger(__name__)

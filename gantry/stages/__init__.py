@@ -1,0 +1,1 @@
+"""One home per stage: its contract, pure decisions and run(), with no Prefect import."""

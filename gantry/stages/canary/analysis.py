@@ -1,0 +1,347 @@
+"""The canary's analysis: one step's window observed, judged and turned into a verdict.
+
+Pure judgement (:func:`judge`) over what a window saw (:class:`WindowObservations`), and
+the loop (:func:`analyse_step`) that gathers it from a deploy target's router and the
+probes. Nothing here changes routing: the verdict goes back to the state machine.
+
+    >>> next_weight((10, 50, 100), 0)
+    50
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gantry.adapters.haproxy import AccessRecord, Slot
+from gantry.deploy.router import Target
+from gantry.scoring import percentiles
+from gantry.spec import CanaryOptions
+
+if TYPE_CHECKING:
+    from gantry.stages.canary.probes import Prober
+
+log = logging.getLogger("gantry.canary")
+
+#: Samples a percentile needs before it is judged.
+MIN_SAMPLES = {95: 20, 99: 100}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class CheckResult(BaseModel):
+    """One analysis check at one moment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="success-rate, latency-p95, latency-p99, quality, health.")
+    passed: bool | None = Field(description="None: not enough data to judge yet.")
+    observed: float | None = None
+    limit: float | None = None
+    detail: str = ""
+
+
+class StepVerdict(BaseModel):
+    """The outcome of one step's analysis window."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: int
+    weight: int
+    started_at: datetime
+    finished_at: datetime
+    passed: bool
+    checks: tuple[CheckResult, ...]
+    candidate_requests: int
+    champion_requests: int
+    synthetic_requests: int
+
+    @property
+    def failed_checks(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.checks if c.passed is False)
+
+
+def next_weight(steps: Sequence[int], step: int) -> int | None:
+    """The candidate's weight after step ``step``; None when ``step`` was the last."""
+    return steps[step + 1] if step + 1 < len(steps) else None
+
+
+def analysed_steps(steps: Sequence[int]) -> tuple[int, ...]:
+    """The steps that get an analysis window: all but the final 100 % (the promotion)."""
+    return tuple(w for w in steps if w < 100)
+
+
+class SlotWindow(BaseModel):
+    """What one server did in a window (from the router's access log)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: int = 0
+    failures: int = 0
+    latencies_ms: tuple[float, ...] = ()
+
+    def percentile(self, q: float) -> float | None:
+        return percentiles(self.latencies_ms, (q,))[0] if self.latencies_ms else None
+
+
+class Quality(BaseModel):
+    """Quality probe scores of both versions on the same eval-set items."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: str
+    items: int
+    candidate: float
+    champion: float
+
+
+class WindowObservations(BaseModel):
+    """Everything one window's judgement is based on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    candidate: SlotWindow
+    champion: SlotWindow
+    quality: Quality | None = None
+    candidate_down: str | None = Field(
+        default=None, description="Why the candidate is not serving (exited, unhealthy)."
+    )
+
+
+def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple[CheckResult, ...]:
+    """Check results for the window so far. A check fails early only when more data
+    cannot change the outcome; latency is judged at the end of the window (``final``)."""
+    checks: list[CheckResult] = []
+    if obs.candidate_down:
+        checks.append(CheckResult(name="health", passed=False, detail=obs.candidate_down))
+    else:
+        checks.append(CheckResult(name="health", passed=True))
+
+    cand = obs.candidate
+    # Failures beyond what the allowed rate permits over the required sample cannot be
+    # undone by more requests: fail now. Otherwise judge the rate at the window's end.
+    allowed = opts.max_error_rate * max(cand.requests, opts.min_requests)
+    rate = cand.failures / cand.requests if cand.requests else None
+    if cand.failures > allowed:
+        passed: bool | None = False
+    elif final:
+        passed = cand.requests >= opts.min_requests and (rate or 0.0) <= opts.max_error_rate
+    else:
+        passed = None
+    detail = f"{cand.failures} of {cand.requests} requests failed"
+    if final and cand.requests < opts.min_requests and passed is False:
+        detail += f" (fewer than canary.min_requests={opts.min_requests} to judge)"
+    checks.append(
+        CheckResult(
+            name="success-rate",
+            passed=passed,
+            observed=None if rate is None else round(1 - rate, 4),
+            limit=round(1 - opts.max_error_rate, 4),
+            detail=detail,
+        )
+    )
+
+    for q in (95, 99):
+        c_ms, base_ms = cand.percentile(q), obs.champion.percentile(q)
+        need = MIN_SAMPLES[q]
+        if final and len(cand.latencies_ms) < need and c_ms is not None:
+            # The p99 of 20 requests is their maximum: one GC pause would fail the step.
+            checks.append(
+                CheckResult(
+                    name=f"latency-p{q}",
+                    passed=None,
+                    observed=round(c_ms, 1),
+                    detail=f"not judged: {len(cand.latencies_ms)} samples, p{q} needs {need}",
+                )
+            )
+            continue
+        limit = (
+            None if base_ms is None else base_ms * opts.max_latency_ratio + opts.latency_slack_ms
+        )
+        if not final:
+            ok: bool | None = None
+        elif c_ms is None:
+            ok = False
+        else:
+            ok = limit is None or c_ms <= limit
+        base = "no champion requests" if base_ms is None else f"champion {base_ms:.0f} ms"
+        checks.append(
+            CheckResult(
+                name=f"latency-p{q}",
+                passed=ok,
+                observed=None if c_ms is None else round(c_ms, 1),
+                limit=None if limit is None else round(limit, 1),
+                detail=f"candidate {'-' if c_ms is None else f'{c_ms:.0f} ms'} vs {base}",
+            )
+        )
+
+    if obs.quality is not None:
+        qual = obs.quality
+        floor = qual.champion - opts.quality_tolerance
+        checks.append(
+            CheckResult(
+                name="quality",
+                passed=qual.candidate >= floor,
+                observed=round(qual.candidate, 4),
+                limit=round(floor, 4),
+                detail=f"{qual.metric} on {qual.items} eval items: candidate "
+                f"{qual.candidate:.3f} vs champion {qual.champion:.3f}",
+            )
+        )
+    return tuple(checks)
+
+
+def failed(checks: Sequence[CheckResult]) -> tuple[str, ...]:
+    return tuple(c.name for c in checks if c.passed is False)
+
+
+def describe_failure(checks: Sequence[CheckResult]) -> str:
+    return "; ".join(f"{c.name}: {c.detail}" for c in checks if c.passed is False)
+
+
+# --- the window -------------------------------------------------------------------
+
+
+class WindowCounter:
+    """Counts one slot's requests in a window (from the router's access log)."""
+
+    def __init__(self) -> None:
+        self.requests = self.failures = 0
+        self.latencies: list[float] = []
+
+    def add(self, rec: AccessRecord) -> None:
+        self.requests += 1
+        if rec.failed:
+            self.failures += 1
+        elif rec.total_ms >= 0:
+            self.latencies.append(float(rec.total_ms))
+
+    def window(self) -> SlotWindow:
+        return SlotWindow(
+            requests=self.requests, failures=self.failures, latencies_ms=tuple(self.latencies)
+        )
+
+
+def probes_wanted(min_requests: int, elapsed_s: float, window_s: float, have: int) -> int:
+    """Synthetic requests to send now so the candidate reaches ``min_requests`` by 60 %
+    of the window (live traffic counts first; the slack covers requests in flight)."""
+    due = math.ceil(min_requests * min(1.0, elapsed_s / (0.6 * window_s)))
+    return max(0, due - have)
+
+
+def probes_per_check(opts: CanaryOptions) -> int:
+    """Synthetic requests sent at most per check interval (each to both versions)."""
+    return max(1, int(opts.probe_rps * opts.interval_s))
+
+
+def min_observation_s(opts: CanaryOptions) -> float:
+    """The shortest traffic observation synthetic probes can fill to ``min_requests``:
+    they go out at most :func:`probes_per_check` per interval and are paced to arrive by
+    60 % of the observation (see :func:`probes_wanted`), plus one interval for the last."""
+    rate = probes_per_check(opts) / opts.interval_s
+    return opts.min_requests / rate / 0.6 + opts.interval_s
+
+
+def verdict_summary(verdicts: tuple[StepVerdict, ...] | list[StepVerdict]) -> str:
+    return json.dumps(
+        [
+            {"weight": v.weight, "passed": v.passed, "failed": list(v.failed_checks)}
+            for v in verdicts
+        ]
+    )
+
+
+def analyse_step(
+    target: Target,
+    prober: Prober,
+    opts: CanaryOptions,
+    cand: Slot,
+    champ: Slot,
+    step: int,
+    weight: int,
+) -> StepVerdict:
+    """One analysis window at ``weight``: returns as soon as a check fails, else at the
+    window's end with the final judgement."""
+    started, t0 = _now(), time.monotonic()
+    # Quality first, inside the window: its eval-set batches would queue the small
+    # requests behind them and skew the latency comparison, so the traffic checks observe
+    # what comes after it (the rest of the window, at least half of it). It also warms the
+    # candidate up, as live traffic would.
+    quality = prober.quality(cand, champ, opts.quality_probes)
+    target.observe()  # what came before belongs to no traffic check
+    t_obs = time.monotonic()
+    end = max(t0 + opts.window_s, t_obs + max(opts.window_s / 2, min_observation_s(opts)))
+    acc = {cand.value: WindowCounter(), champ.value: WindowCounter()}
+    synthetic = 0
+    # Probes run beside the checks: a probe stuck on a dying candidate must not delay the
+    # health check that rolls it back.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="canary-probe") as pool:
+        while True:
+            tick = time.monotonic()
+            final = tick >= end
+            # The candidate's state first: a crash is the most urgent thing to notice.
+            down = _down(target, cand)
+            champ_state = target.state(champ)
+            for rec in target.observe():
+                if rec.probe == "quality":
+                    continue  # eval-set batches: judged by the quality check, not latency
+                if rec.server in acc:
+                    acc[rec.server].add(rec)
+                elif rec.failed:
+                    log.warning("the router could not serve a request (%s)", rec.termination)
+            obs = WindowObservations(
+                candidate=acc[cand.value].window(),
+                champion=acc[champ.value].window(),
+                quality=quality,
+                candidate_down=down,
+            )
+            checks = judge(obs, opts, final=final)
+            if not champ_state.running:
+                checks += (
+                    CheckResult(
+                        name="champion-health",
+                        passed=False,
+                        detail=f"the champion stopped ({champ_state.detail}): "
+                        "no comparison possible",
+                    ),
+                )
+            if failed(checks) or final:
+                return StepVerdict(
+                    step=step,
+                    weight=weight,
+                    started_at=started,
+                    finished_at=_now(),
+                    passed=not failed(checks),
+                    checks=checks,
+                    candidate_requests=obs.candidate.requests,
+                    champion_requests=obs.champion.requests,
+                    synthetic_requests=synthetic,
+                )
+            due = probes_wanted(
+                opts.min_requests, tick - t_obs, end - t_obs, obs.candidate.requests
+            )
+            for _ in range(min(due, probes_per_check(opts))):
+                pool.submit(prober.synthetic, cand)
+                pool.submit(prober.synthetic, champ)
+                synthetic += 2
+            time.sleep(max(0.0, opts.interval_s - (time.monotonic() - tick)))
+
+
+def _down(target: Target, slot: Slot) -> str | None:
+    state = target.state(slot)
+    if not state.running:
+        return f"the candidate's container stopped: {state.detail}"
+    routed = target.routed(slot)
+    if routed is not None and not routed.up and not routed.parked:
+        return f"the router's health check sees the candidate {routed.detail}"
+    return None
