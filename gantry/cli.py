@@ -94,8 +94,9 @@ def cmd_release(args: argparse.Namespace) -> int:
         print(write_failed_record(settings.releases_dir, spec, exc))
         return EXIT_FAILED
 
-    from flows.release import release
+    from gantry.adapters.prefect_api import local_flow
 
+    release = local_flow("release")
     path = record_path(settings.releases_dir, spec.release_id)
     try:
         release(spec)
@@ -171,7 +172,7 @@ def _env_summary(settings: Settings) -> dict[str, object]:
 
 def _deployments(settings: Settings) -> dict[str, object]:
     """Each deployed model's endpoint, champion and last canary (from its status file)."""
-    from gantry.deploy.state import DeploymentStatus
+    from gantry.stages.canary.state import DeploymentStatus
 
     out: dict[str, object] = {}
     for path in sorted(settings.deployments_dir.glob("*/status.json")):
@@ -274,7 +275,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def _ensure_images(client: object, settings: Settings) -> None:
     from gantry.deploy.docker import ROUTER_IMAGE
     from gantry.localenv.baseimages import RECIPES, ensure_base_image
-    from tasks.build import base_images, project_root
+    from gantry.stages.build import base_images, project_root
 
     refs: list[str] = [ROUTER_IMAGE]  # the canary router
     for df in sorted((project_root() / "dockerfiles").glob("*/Dockerfile")):
@@ -291,8 +292,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         _use_prefect(settings, start=True)
-        from flows.rollback import rollback
+        from gantry.adapters.prefect_api import local_flow
 
+        rollback = local_flow("rollback")
         result = rollback(args.model, tracking_uri=args.tracking_uri)
     except GantryError as exc:
         print(f"gantry: rollback of {args.model} failed: {exc}", file=sys.stderr)
@@ -309,8 +311,9 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         _use_prefect(settings, start=True)
-        from flows.reevaluate import reevaluate
+        from gantry.adapters.prefect_api import local_flow
 
+        reevaluate = local_flow("reevaluate")
         report = reevaluate(
             args.model or None,
             rollback_on_regression=args.rollback,
@@ -319,7 +322,7 @@ def cmd_reevaluate(args: argparse.Namespace) -> int:
             endpoint_attempts=args.endpoint_attempts,
         )
     except ReevaluationError as exc:
-        from tasks.reevaluate import ReevaluationReport
+        from gantry.stages.reevaluate import ReevaluationReport
 
         if isinstance(exc.report, ReevaluationReport):
             print(exc.report.model_dump_json(indent=2))
@@ -448,7 +451,8 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     """Serve the CI webhook receiver in the foreground."""
     import uvicorn
 
-    from gantry.webhook.app import create_app, prefect_starter
+    from gantry.adapters.prefect_api import prefect_starter
+    from gantry.webhook.app import create_app
     from gantry.webhook.config import load_secret, load_webhook_config
     from gantry.webhook.store import DeliveryStore
 
@@ -460,7 +464,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         config,
         secret=load_secret(config),
         store=DeliveryStore(settings.webhook_dir / "deliveries.sqlite3"),
-        starter=prefect_starter(config),
+        starter=prefect_starter(config.deployment, config.prefect_timeout_s),
     )
     log.info(
         "webhook receiver on http://%s:%d/webhook starts %s (spec root %s, %d GitHub repos)",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -28,7 +28,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gantry.errors import DeploymentConfigError, TriggerUnavailableError
+from gantry.errors import ConfigError, DeploymentConfigError, TriggerUnavailableError
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -383,6 +383,24 @@ def _bounded(timeout_s: float, what: str) -> Iterator[None]:
         ) from None
 
 
+#: The flows `gantry release|rollback|reevaluate` run in-process, by the dotted form of
+#: prefect.yaml's entrypoints (tests/unit/test_prefect_registration.py keeps them equal):
+#: the CLI runs the very flow a deployment of that name runs, and ``gantry/`` itself never
+#: imports the orchestration layer above it.
+FLOW_ENTRYPOINTS = {
+    "release": "flows.release:release",
+    "rollback": "flows.rollback:rollback",
+    "reevaluate": "flows.reevaluate:reevaluate",
+}
+
+
+def local_flow(name: str) -> Any:
+    """The flow of prefect.yaml's deployment ``name``, imported here to run in-process."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(FLOW_ENTRYPOINTS[name], use_placeholder_flow=False)
+
+
 def _load_flow(project_dir: Path, dep: DeploymentConfig) -> Any:
     from prefect.flows import load_flow_from_entrypoint
 
@@ -441,3 +459,59 @@ def _schedules(dep: DeploymentConfig) -> list[Any]:
             ) from None
         out.append(DeploymentScheduleCreate(schedule=schedule, active=s.active))
     return out
+
+
+async def aload_secret(name: str, timeout_s: float) -> str:
+    """The string a Prefect Secret block holds; a missing or empty one is a ConfigError."""
+    from prefect.blocks.system import Secret
+
+    try:
+        with anyio.fail_after(timeout_s):
+            block: Secret[str] = await Secret.aload(name)
+    except TimeoutError:
+        raise ConfigError(
+            f"loading Prefect Secret block {name!r} took longer than {timeout_s:.0f}s",
+            fix="check PREFECT_API_URL and the Prefect server",
+        ) from None
+    except ValueError as exc:  # Prefect's "Unable to find block document named …"
+        raise ConfigError(
+            f"Prefect Secret block {name!r} cannot be loaded: {exc}",
+            fix=f"create it (`prefect block create secret`) or correct the name {name!r}",
+        ) from None
+    value = block.get()
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"Prefect Secret block {name!r} holds no string secret")
+    return value
+
+
+def prefect_starter(
+    deployment: str, timeout_s: float
+) -> Callable[[], contextlib.AbstractAsyncContextManager[PrefectRunStarter]]:
+    """Starts runs through the Prefect API this process is configured for
+    (``PREFECT_API_URL``); links point at ``PREFECT_UI_URL``."""
+
+    @contextlib.asynccontextmanager
+    async def factory() -> AsyncIterator[PrefectRunStarter]:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+        ui_url = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
+        async with get_client() as client:
+            try:
+                with anyio.fail_after(timeout_s):
+                    await client.read_deployment_by_name(deployment)
+            except Exception as exc:  # not fatal: `gantry serve` may register it later
+                log.warning(
+                    "deployment %s is not available yet (%s); deliveries get 503 until it is",
+                    deployment,
+                    "not found" if isinstance(exc, ObjectNotFound) else repr(exc),
+                )
+            yield PrefectRunStarter(
+                client,
+                deployment=deployment,
+                ui_url=ui_url,
+                timeout_s=timeout_s,
+            )
+
+    return factory

@@ -249,36 +249,3 @@ def _refuse(
     if fields is not None:
         content["fields"] = fields
     return JSONResponse(content, status_code=status, headers=headers)
-
-
-def prefect_starter(config: WebhookConfig) -> StarterFactory:
-    """Starts runs through the Prefect API this process is configured for
-    (``PREFECT_API_URL``); links point at ``PREFECT_UI_URL``."""
-
-    @contextlib.asynccontextmanager
-    async def factory() -> AsyncIterator[RunStarter]:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
-        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-        from gantry.adapters.prefect_api import PrefectRunStarter
-
-        ui_url = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
-        async with get_client() as client:
-            try:
-                with anyio.fail_after(config.prefect_timeout_s):
-                    await client.read_deployment_by_name(config.deployment)
-            except Exception as exc:  # not fatal: `gantry serve` may register it later
-                log.warning(
-                    "deployment %s is not available yet (%s); deliveries get 503 until it is",
-                    config.deployment,
-                    "not found" if isinstance(exc, ObjectNotFound) else repr(exc),
-                )
-            yield PrefectRunStarter(
-                client,
-                deployment=config.deployment,
-                ui_url=ui_url,
-                timeout_s=config.prefect_timeout_s,
-            )
-
-    return factory

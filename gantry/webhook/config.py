@@ -179,7 +179,9 @@ def load_secret(config: WebhookConfig, env: Mapping[str, str] | None = None) -> 
         log.info("webhook secret from $%s", config.secret_env)
         return value.encode()
     if config.secret_block:
-        secret = anyio.run(_load_block, config.secret_block, config.prefect_timeout_s)
+        from gantry.adapters.prefect_api import aload_secret
+
+        secret = anyio.run(aload_secret, config.secret_block, config.prefect_timeout_s)
         log.info("webhook secret from Prefect Secret block %s", config.secret_block)
         return secret.encode()
     raise ConfigError(
@@ -187,25 +189,3 @@ def load_secret(config: WebhookConfig, env: Mapping[str, str] | None = None) -> 
         fix=f"export {config.secret_env}=<secret> (e.g. from `python -c 'import secrets; "
         "print(secrets.token_hex(32))'`), or set secret_block to a Prefect Secret block",
     )
-
-
-async def _load_block(name: str, timeout_s: float) -> str:
-    from prefect.blocks.system import Secret
-
-    try:
-        with anyio.fail_after(timeout_s):
-            block: Secret[str] = await Secret.aload(name)
-    except TimeoutError:
-        raise ConfigError(
-            f"loading Prefect Secret block {name!r} took longer than {timeout_s:.0f}s",
-            fix="check PREFECT_API_URL and the Prefect server",
-        ) from None
-    except ValueError as exc:  # Prefect's "Unable to find block document named …"
-        raise ConfigError(
-            f"Prefect Secret block {name!r} cannot be loaded: {exc}",
-            fix=f"create it (`prefect block create secret`) or fix secret_block: {name}",
-        ) from None
-    value = block.get()
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"Prefect Secret block {name!r} holds no string secret")
-    return value

@@ -96,3 +96,19 @@ def test_bad_schedule(tmp_path: Path) -> None:
     text = HEAD + RELEASE + "    schedules:\n      - cron: '0 3 * * *'\n        interval: 60\n"
     with pytest.raises(DeploymentConfigError, match="invalid schedule"):
         _register(tmp_path, text)
+
+
+def test_the_cli_runs_the_flow_of_the_deployment_of_the_same_name() -> None:
+    from prefect import Flow
+
+    from gantry.adapters.prefect_api import FLOW_ENTRYPOINTS, local_flow
+
+    env = {"GANTRY_PROJECT_DIR": str(REPO_ROOT), "GANTRY_STATE_DIR": "/nonexistent"}
+    deployments = {d.name: d for d in load_project(REPO_ROOT / "prefect.yaml", env).deployments}
+    assert set(FLOW_ENTRYPOINTS) == set(deployments)
+    for name, dotted in FLOW_ENTRYPOINTS.items():
+        module, func = dotted.split(":")
+        assert deployments[name].entrypoint == f"{module.replace('.', '/')}.py:{func}"
+        flow = local_flow(name)
+        assert isinstance(flow, Flow) and flow.name == name
+        assert flow.fn.__module__ == module  # imported as the package module, not a script
