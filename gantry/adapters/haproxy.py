@@ -5,19 +5,28 @@ per model version, found by container name through Docker's DNS); weights and se
 states then change through HAProxy's runtime API without dropping a connection, and
 every request is logged as one ``gantry-access`` line that :func:`parse_access_line`
 reads back for the canary analysis (per-server status and latency).
+
+The model servers share a network with the router and are untrusted (the candidate is
+what is being tested), so nothing they can reach steers the router: the runtime API is a
+unix socket in a host directory mounted into the router alone, and the routing and probe
+headers count only on requests that carry the deployment's probe token, which the router
+strips before forwarding (:func:`probe_headers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
+import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from enum import StrEnum
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,13 +36,20 @@ log = logging.getLogger(__name__)
 
 BACKEND = "model"
 FRONTEND_PORT = 8080
-ADMIN_PORT = 9999
 CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
+#: Where the router's runtime API socket lives inside its container: a bind mount of a
+#: host directory that no model server mounts (the network reaches no admin listener).
+ADMIN_DIR = "/run/gantry"
+ADMIN_SOCKET = "admin.sock"
 #: Requests carrying this header go to the named slot (quality and synthetic probes).
 ROUTE_HEADER = "x-gantry-route"
 #: Marks Gantry's own probe requests in the access log: `quality` probes (big eval-set
 #: batches) are left out of the latency and error statistics, `synthetic` ones are not.
 PROBE_HEADER = "x-gantry-probe"
+#: The deployment's probe token: without it, the two headers above are removed, so a
+#: client can neither pick its server nor hide its requests from the canary's statistics.
+TOKEN_HEADER = "x-gantry-probe-token"  # noqa: S105 - a header name
+_TOKEN = re.compile(r"^[0-9a-f]{32,128}$")
 #: HAProxy server weights go up to 256; Gantry speaks percent.
 MAX_WEIGHT = 100
 _ACCESS = re.compile(
@@ -70,8 +86,17 @@ class RouterConfig(BaseModel):
     deployment: str = Field(description="Names the slot containers `<deployment>-a|b`.")
     runtime_port: int = Field(ge=1, le=65535)
     health_path: str = "/health"
+    probe_token: str = Field(
+        pattern=_TOKEN.pattern,
+        description="Lets Gantry's probes (only) route by header; hex: no quoting needed.",
+    )
     weights: Mapping[Slot, int] = Field(default_factory=dict)
     timeout_server_s: int = Field(default=120, ge=1)
+
+
+def probe_headers(token: str, slot: Slot, kind: str) -> dict[str, str]:
+    """Headers of one of Gantry's probes: sent to ``slot``, logged as ``kind``."""
+    return {ROUTE_HEADER: slot.value, PROBE_HEADER: kind, TOKEN_HEADER: token}
 
 
 def slot_host(deployment: str, slot: Slot) -> str:
@@ -82,12 +107,14 @@ def slot_host(deployment: str, slot: Slot) -> str:
 def render_config(cfg: RouterConfig) -> str:
     """The haproxy.cfg of a deployment (pure; golden-tested).
 
-    Why each setting: the runtime API on a TCP port (published on loopback only) changes
-    weights live; `resolvers docker` finds each slot's container by name, so a container
-    restarted with a new address is followed; `init-addr none` lets the router start
-    while a slot is empty; `retry-on` + `redispatch` send a request that hit a dead or
-    vanished server to the other one, which is what keeps client requests from failing
-    while a crashed candidate is being taken out.
+    Why each setting: the runtime API on a unix socket in a directory only the host and
+    the router mount changes weights live (no model server can reach it); the routing and
+    probe headers are dropped from requests without the probe token, which is itself
+    dropped before a request reaches a server; `resolvers docker` finds each slot's
+    container by name, so a container restarted with a new address is followed;
+    `init-addr none` lets the router start while a slot is empty; `retry-on` +
+    `redispatch` send a request that hit a dead or vanished server to the other one, which
+    is what keeps client requests from failing while a crashed candidate is taken out.
     """
     servers = []
     for slot in Slot:
@@ -109,7 +136,9 @@ def render_config(cfg: RouterConfig) -> str:
         "# change, so a restarted router comes back with the current weights.\n"
         "global\n"
         "    log stdout format raw local0 info\n"
-        f"    stats socket ipv4@0.0.0.0:{ADMIN_PORT} level admin\n"
+        # 666: the socket belongs to the container's haproxy user; the host directory's own
+        # mode (the deployment's, under the state dir) is what keeps other users out.
+        f"    stats socket {ADMIN_DIR}/{ADMIN_SOCKET} mode 666 level admin\n"
         "    stats timeout 10s\n"
         "    maxconn 4096\n"
         "\n"
@@ -140,6 +169,10 @@ def render_config(cfg: RouterConfig) -> str:
         "\n"
         "frontend inference\n"
         f"    bind :{FRONTEND_PORT}\n"
+        f"    acl gantry_probe req.hdr({TOKEN_HEADER}) -m str {cfg.probe_token}\n"
+        f"    http-request del-header {ROUTE_HEADER} unless gantry_probe\n"
+        f"    http-request del-header {PROBE_HEADER} unless gantry_probe\n"
+        f"    http-request del-header {TOKEN_HEADER}\n"
         f"    http-request capture req.hdr({PROBE_HEADER}) len 16\n"
         f"    default_backend {BACKEND}\n"
         "\n"
@@ -226,25 +259,44 @@ def parse_server_weights(text: str) -> dict[str, int]:
     return out
 
 
-class RuntimeAPI:
-    """HAProxy's runtime API over TCP: one command per connection, with a timeout."""
+@contextlib.contextmanager
+def _unix_address(path: Path) -> Iterator[str]:
+    """``path`` as a unix socket address: through ``/proc/self/fd`` of its directory when it
+    is longer than ``sun_path`` allows (deep state dirs, pytest's tmp dirs)."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
-    def __init__(self, host: str, port: int, timeout_s: float = 5.0) -> None:
-        self.host, self.port, self.timeout_s = host, port, timeout_s
+
+class RuntimeAPI:
+    """HAProxy's runtime API on its unix socket: one command per connection, with a timeout."""
+
+    def __init__(self, socket_path: Path, timeout_s: float = 5.0) -> None:
+        self.socket_path, self.timeout_s = socket_path, timeout_s
 
     def command(self, line: str) -> str:
         """Send one command; its answer. Transient when the router does not answer."""
         if "\n" in line or ";" in line:
             raise ValueError(f"one runtime API command at a time, not {line!r}")
         try:
-            with socket.create_connection((self.host, self.port), timeout=self.timeout_s) as s:
+            with (
+                _unix_address(self.socket_path) as address,
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+            ):
+                s.settimeout(self.timeout_s)
+                s.connect(address)
                 s.sendall(line.encode() + b"\n")
                 chunks = []
                 while chunk := s.recv(65536):
                     chunks.append(chunk)
         except OSError as exc:
             raise RouterUnavailableError(
-                f"the router's runtime API at {self.host}:{self.port} did not answer "
+                f"the router's runtime API at {self.socket_path} did not answer "
                 f"`{line.split()[0]}`: {exc}",
                 fix="check the router container is running (`docker ps --filter "
                 "label=ai.gantry.role=router`); `gantry rollback MODEL` recreates it",
@@ -291,7 +343,7 @@ class RuntimeAPI:
                 )
             if time.monotonic() > end:
                 raise RouterUnavailableError(
-                    f"the router's runtime API at {self.host}:{self.port} did not come up "
+                    f"the router's runtime API at {self.socket_path} did not come up "
                     f"within {deadline_s:.0f}s",
                     fix="read the router container's log (`docker logs <deployment>-router`)",
                 )

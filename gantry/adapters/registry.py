@@ -9,6 +9,7 @@ reported as such (the build pushes through the Docker engine, which has the logi
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,31 @@ DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+jso
 MANIFEST_TYPES = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
 
 _LOGIN_FIX = "log in with `docker login` and retry"
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a registry address (``host[:port]``, ``[v6]:port``) is on this machine: the
+    one predicate that allows plain HTTP (here, for trivy and for cosign).
+
+    Decided on the parsed host, never by prefix or DNS: ``127.evil.example`` and
+    ``localhost.evil.example`` are remote.
+    """
+    host = address.strip()
+    if host.startswith("["):
+        host, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+    else:
+        name, _, port = host.partition(":")
+        if port and not port.isdigit():
+            return False
+        host = name
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def sha256_digest(data: bytes) -> str:
@@ -57,8 +83,8 @@ class RegistryClient:
         self, address: str, *, timeout_s: float = 30, insecure: bool | None = None
     ) -> None:
         self.address = address
-        local = address.startswith(("127.", "localhost", "[::1]"))
-        scheme = "http" if (insecure if insecure is not None else local) else "https"
+        plain = insecure if insecure is not None else is_loopback(address)
+        scheme = "http" if plain else "https"
         self.base = f"{scheme}://{address}"
         self._http = httpx.Client(timeout=timeout_s, verify=tls_context())
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gantry.adapters.registry import is_loopback
 from gantry.errors import (
     CommandTimeoutError,
     RegistryUnavailableError,
@@ -98,9 +99,6 @@ _GRACE_S = 30
 _PASS_ENV = frozenset({"TRIVY_USERNAME", "TRIVY_PASSWORD", "TRIVY_REGISTRY_TOKEN"})
 _QUIET_ENV = {"TRIVY_SKIP_VERSION_CHECK": "true", "TRIVY_DISABLE_TELEMETRY": "true"}
 
-_LOOPBACK = re.compile(r"^(localhost|127(?:\.\d{1,3}){3}|\[::1\])(:\d+)?$")
-
-
 # --- finding the binary ----------------------------------------------------------------
 
 
@@ -140,7 +138,7 @@ def is_loopback_registry(ref: str) -> bool:
     Gantry's embedded registry speaks plain HTTP on 127.0.0.1; only such registries get
     ``--insecure``, never a remote one.
     """
-    return bool(_LOOPBACK.match(registry_host(ref)))
+    return is_loopback(registry_host(ref))
 
 
 # --- argv builders (pure) --------------------------------------------------------------

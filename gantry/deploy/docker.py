@@ -4,14 +4,18 @@ Per model: a private network ``<name>``, the router ``<name>-router`` (HAProxy f
 Debian's package, in the locally built ``haproxy:2.6-bookworm`` image) publishing the
 model's endpoint on 127.0.0.1, and up to two servers ``<name>-a`` / ``<name>-b`` run
 hardened by digest. The router finds the servers by name through Docker's DNS; weights
-change through its runtime API (published on loopback, ephemeral port).
+change through its runtime API, a unix socket in ``<deployment dir>/router-admin/``, the
+one directory mounted into the router and no model server. Gantry's probes carry the
+deployment's probe token (``<deployment dir>/probe-token``, 0600).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +30,8 @@ import requests
 from gantry.adapters import containers
 from gantry.adapters.docker_engine import DockerClient
 from gantry.adapters.haproxy import (
-    ADMIN_PORT,
+    ADMIN_DIR,
+    ADMIN_SOCKET,
     CONFIG_PATH,
     FRONTEND_PORT,
     AccessRecord,
@@ -35,6 +40,7 @@ from gantry.adapters.haproxy import (
     ServerState,
     Slot,
     parse_access_line,
+    probe_headers,
     render_config,
     slot_host,
 )
@@ -159,27 +165,46 @@ class DockerTarget:
             raise ContainerEngineError(f"creating network {self.name} failed: {exc}") from None
 
     def _write_config(self, weights: Mapping[Slot, int]) -> None:
-        text = render_config(
-            RouterConfig(
-                deployment=self.name,
-                runtime_port=self.runtime_port,
-                health_path=self.health_path,
-                weights=dict(weights),
-            )
-        )
-        # HAProxy runs as its own non-root user inside the container: world-readable.
+        text = render_config(self._config(weights))
+        # HAProxy runs as its own non-root user inside the container: world-readable. The
+        # deployment's directory (0700 under the state dir) keeps other users out.
         write_atomic(self.config_path, text, mode=0o644)
 
-    def _admin_port(self, container: Any) -> int:
-        container.reload()
-        bound = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(
-            f"{ADMIN_PORT}/tcp"
+    def _config(self, weights: Mapping[Slot, int] | None = None) -> RouterConfig:
+        return RouterConfig(
+            deployment=self.name,
+            runtime_port=self.runtime_port,
+            health_path=self.health_path,
+            probe_token=self.probe_token,
+            weights=dict(weights or {}),
         )
-        if not bound:
-            raise RouterUnavailableError(
-                f"router {self.router_name} has no published runtime API port (is it running?)"
-            )
-        return int(bound[0]["HostPort"])
+
+    @property
+    def admin_dir(self) -> Path:
+        """The host directory holding the runtime API socket (mounted into the router)."""
+        return self.config_path.parent / "router-admin"
+
+    def _ensure_admin_dir(self) -> None:
+        self.admin_dir.mkdir(parents=True, exist_ok=True)
+        # The router's own non-root user creates the socket there; sticky, so it cannot
+        # remove what it did not create.
+        self.admin_dir.chmod(0o1777)
+
+    @functools.cached_property
+    def probe_token(self) -> str:
+        """The deployment's probe token, made once and kept (0600) beside its config."""
+        path = self.config_path.parent / "probe-token"
+        with contextlib.suppress(FileNotFoundError):
+            token = path.read_text().strip()
+            if len(token) == 64:
+                return token
+        token = secrets.token_hex(32)
+        write_atomic(path, token, mode=0o600)
+        return token
+
+    def probe_headers(self, slot: Slot, kind: str) -> dict[str, str]:
+        """Headers that route a probe of ``kind`` to ``slot`` (honoured from Gantry only)."""
+        return probe_headers(self.probe_token, slot, kind)
 
     def api(self) -> RuntimeAPI:
         container = self._get(self.router_name)
@@ -188,7 +213,7 @@ class DockerTarget:
                 f"router {self.router_name} does not exist",
                 fix=f"`gantry rollback {self.model}` recreates it with the champion",
             )
-        return RuntimeAPI("127.0.0.1", self._admin_port(container), self._api_timeout_s)
+        return RuntimeAPI(self.admin_dir / ADMIN_SOCKET, self._api_timeout_s)
 
     def router_running(self) -> bool:
         c = self._get(self.router_name)
@@ -200,8 +225,12 @@ class DockerTarget:
         check_weights(weights)
         self.ensure_network()
         existing = self._get(self.router_name)
-        if existing is not None and "-W" not in (existing.attrs.get("Config", {}).get("Cmd") or []):
-            # Not in master-worker mode, so it cannot reload: replace it (dev builds only).
+        if existing is not None and (
+            "-W" not in (existing.attrs.get("Config", {}).get("Cmd") or [])
+            or admin_socket_of(existing.attrs) != self.admin_dir / ADMIN_SOCKET
+        ):
+            # Not in master-worker mode (dev builds), or a router of a Gantry whose runtime API
+            # listened on the network: it cannot be reloaded into this one, so replace it.
             log.warning("router %s cannot reload its configuration; replacing it", self.router_name)
             with contextlib.suppress(docker.errors.NotFound):
                 existing.remove(force=True)
@@ -245,6 +274,7 @@ class DockerTarget:
         else:
             port_binding = ("127.0.0.1", self.port)
         self._write_config(weights)
+        self._ensure_admin_dir()
         try:
             container = self.client.containers.create(
                 ROUTER_IMAGE,
@@ -259,11 +289,11 @@ class DockerTarget:
                 mem_limit="256m",
                 nano_cpus=1_000_000_000,
                 pids_limit=256,
-                volumes={str(self.config_path): {"bind": CONFIG_PATH, "mode": "ro"}},
-                ports={
-                    f"{FRONTEND_PORT}/tcp": port_binding,
-                    f"{ADMIN_PORT}/tcp": ("127.0.0.1", None),
+                volumes={
+                    str(self.config_path): {"bind": CONFIG_PATH, "mode": "ro"},
+                    str(self.admin_dir): {"bind": ADMIN_DIR, "mode": "rw"},
                 },
+                ports={f"{FRONTEND_PORT}/tcp": port_binding},
                 network=self.name,
                 labels=self._labels("router"),
                 # The endpoint outlives Gantry's processes and comes back with the engine.
@@ -288,7 +318,7 @@ class DockerTarget:
             return None
 
         try:
-            api = RuntimeAPI("127.0.0.1", self._admin_port(container), self._api_timeout_s)
+            api = RuntimeAPI(self.admin_dir / ADMIN_SOCKET, self._api_timeout_s)
             api.wait_alive(ROUTER_START_S, gone)
         except RouterUnavailableError as exc:
             logs = container.logs(tail=30).decode(errors="replace")
@@ -312,10 +342,7 @@ class DockerTarget:
     @property
     def _template(self) -> str:
         """The configuration without weights: what a running router must be reloaded for."""
-        cfg = RouterConfig(
-            deployment=self.name, runtime_port=self.runtime_port, health_path=self.health_path
-        )
-        return hashlib.sha256(render_config(cfg).encode()).hexdigest()
+        return hashlib.sha256(render_config(self._config()).encode()).hexdigest()
 
     def _router_port_from(self, container: Any) -> None:
         bound = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(
@@ -494,6 +521,14 @@ class RunningVersion:
     release_id: str
     image: str
     slot: Slot
+
+
+def admin_socket_of(router_attrs: Mapping[str, Any]) -> Path | None:
+    """The host path of a router container's runtime API socket (None: not mounted)."""
+    for m in router_attrs.get("Mounts") or []:
+        if m.get("Destination") == ADMIN_DIR and m.get("Source"):
+            return Path(m["Source"]) / ADMIN_SOCKET
+    return None
 
 
 def discover(client: DockerClient, name: str) -> tuple[list[RunningVersion], int | None]:

@@ -93,6 +93,11 @@ class Router(Protocol):
         """Requests finished since the previous call."""
         ...
 
+    def probe_headers(self, slot: Slot, kind: str) -> dict[str, str]:
+        """Headers that send one of Gantry's probes (``quality``, ``synthetic``) to ``slot``.
+        Only Gantry can make them: a client's routing or probe headers are ignored."""
+        ...
+
 
 class ModelServers(Protocol):
     """Runs model versions in slots."""

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.adapters.cosign import Cosign, RegistryAccess, SigningKey
-from gantry.adapters.registry import RegistryClient
+from gantry.adapters.registry import RegistryClient, is_loopback
 from gantry.errors import CosignError, SigningConfigError, SigningKeyError
 from gantry.signing import keys, simple
 from gantry.spec import SignOptions
@@ -152,10 +152,15 @@ def _registry(ref: simple.ImageRef) -> RegistryClient:
     return RegistryClient(ref.registry)
 
 
+def registry_access(registry: str) -> RegistryAccess:
+    """How cosign reaches ``registry`` (``host[:port]``): plain HTTP only on loopback."""
+    return RegistryAccess(plain_http=is_loopback(registry))
+
+
 def _cosign(registry: RegistryClient, cosign: Cosign | None) -> Cosign:
     if cosign is not None:
         return cosign
-    return Cosign.find(registry=RegistryAccess(plain_http=registry.base.startswith("http://")))
+    return Cosign.find(registry=registry_access(registry.address))
 
 
 def _require_key_file(path: Path) -> None:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gantry import scoring as ev
 from gantry.adapters import docker_engine
-from gantry.adapters.haproxy import PROBE_HEADER, ROUTE_HEADER, Slot, slot_host
+from gantry.adapters.haproxy import Slot, slot_host
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from gantry.adapters.registry import RegistryClient
 from gantry.deploy import router as deploy_router
@@ -535,7 +535,7 @@ def _rescan(
             spec.scan,
             out_dir,
             settings.cache_dir / "trivy",
-            insecure=settings.registry_is_local or trivy.is_loopback_registry(image),
+            insecure=trivy.is_loopback_registry(image),
         )
     except GantryError as exc:
         return ScanCheck(**base, error=exc.message.splitlines()[0][:500], report_dir=str(out_dir))
@@ -707,7 +707,7 @@ def _measure(
             target.endpoint,
             settings,
             champion_metrics=lambda _name: accepted,
-            headers={ROUTE_HEADER: slot.value, PROBE_HEADER: "quality"},
+            headers=target.probe_headers(slot, "quality"),
             results_path=run_dir / "evaluate" / "results.jsonl",
         )
         # The router sends a request for a slot that went down to the other one: a slot

@@ -161,6 +161,8 @@ def test_trivy_env_drops_settings_that_could_hide_findings(
         ("[::1]:5000/x", True),
         ("registry.example.com/gantry/minilm", False),
         ("127.0.0.1.nip.io/x", False),
+        ("127.evil.example:5000/x", False),
+        ("localhost.evil.example/x", False),
         ("gantry/minilm", False),  # Docker Hub
         ("ghcr.io/aquasecurity/trivy-db:2", False),
     ],

@@ -119,16 +119,18 @@ def _containers() -> dict[str, str]:
 
 def _weights(gantry_env: GantryEnv) -> dict[str, int]:
     from gantry.adapters.haproxy import RuntimeAPI
+    from gantry.deploy.docker import admin_socket_of
 
     client = docker.from_env()
     try:
         (router,) = client.containers.list(
             filters={"label": [f"ai.gantry.model={MODEL}", "ai.gantry.role=router"]}
         )
-        port = int(router.attrs["NetworkSettings"]["Ports"]["9999/tcp"][0]["HostPort"])
+        path = admin_socket_of(router.attrs)
     finally:
         client.close()
-    return RuntimeAPI("127.0.0.1", port).weights()
+    assert path is not None, "the router has no runtime API socket mounted"
+    return RuntimeAPI(path).weights()
 
 
 class SteadyLoad:

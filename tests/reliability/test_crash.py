@@ -260,6 +260,7 @@ def _deployment_inconsistencies(env: CrashEnv, record: ReleaseRecord) -> list[st
     import json
 
     from gantry.adapters.haproxy import RuntimeAPI
+    from gantry.deploy.docker import admin_socket_of
 
     (status_file,) = (env.state / "deployments").glob(f"gantry-{record.model}-*/status.json")
     status = json.loads(status_file.read_text())
@@ -276,8 +277,9 @@ def _deployment_inconsistencies(env: CrashEnv, record: ReleaseRecord) -> list[st
         found.append(f"deployment containers {roles}")
     router = next((c for c in live if c["Labels"].get("ai.gantry.role") == "router"), None)
     if router is not None:
-        port = next(p["PublicPort"] for p in router["Ports"] if p["PrivatePort"] == 9999)
-        weights = RuntimeAPI("127.0.0.1", port).weights()
+        path = admin_socket_of(env.docker.containers.get(router["Id"]).attrs)
+        assert path is not None, "the router has no runtime API socket mounted"
+        weights = RuntimeAPI(path).weights()
         champ = status["champion"]["slot"]
         if weights.get(champ) != 100 or any(w for s, w in weights.items() if s != champ):
             found.append(f"router weights {weights}, champion in slot {champ}")

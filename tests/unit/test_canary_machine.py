@@ -83,6 +83,9 @@ class World:
     def observe(self) -> list[AccessRecord]:
         return []
 
+    def probe_headers(self, slot: Slot, kind: str) -> dict[str, str]:
+        return {}
+
     def start(self, slot: Slot, launch: Launch) -> float:
         self.running[slot] = launch.labels[VERSION_LABEL]
         return 0.5

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from gantry import scoring as ev
-from gantry.adapters.haproxy import PROBE_HEADER, ROUTE_HEADER, Slot
+from gantry.adapters.haproxy import Slot
 from gantry.errors import EndpointResponseError, EndpointUnavailableError
 from gantry.spec import Protocol, ReleaseSpec
 from gantry.stages.canary.analysis import Quality
@@ -44,8 +44,15 @@ def sample(items: Sequence[ev.RetrievalItem] | Sequence[ev.ChatItem], n: int) ->
 class Prober:
     """Quality and synthetic probes of one release's protocol against a router."""
 
-    def __init__(self, spec: ReleaseSpec, endpoint: str, dataset: Path | None) -> None:
+    def __init__(
+        self,
+        spec: ReleaseSpec,
+        endpoint: str,
+        dataset: Path | None,
+        headers: Callable[[Slot, str], dict[str, str]],
+    ) -> None:
         self.spec, self.endpoint = spec, endpoint.rstrip("/")
+        self._headers = headers
         self.model = spec.runtime.served_model_name or spec.name
         self.chat = spec.runtime.protocol is Protocol.OPENAI_CHAT
         self.timeout_s = spec.evaluate.timeout_s
@@ -78,7 +85,7 @@ class Prober:
             timeout_s=self.timeout_s,
             attempts=2,
             backoff_s=0.2,
-            headers={ROUTE_HEADER: slot.value, PROBE_HEADER: "quality"},
+            headers=self._headers(slot, "quality"),
         )
         metric = self.spec.evaluate.metric
         if self.chat:
@@ -91,20 +98,21 @@ class Prober:
         return out.scores[metric if metric in out.scores else "top1"]
 
     def quality(self, candidate: Slot, champion: Slot, n: int) -> Quality | None:
-        """Both slots' scores on the same ``n`` items; None without an eval set or when the
-        champion cannot be scored (no comparison, so no verdict). A candidate that cannot
-        be scored gets 0: it failed to answer its own eval items."""
+        """Both slots' scores on the same ``n`` items; None without an eval set. A champion
+        that cannot be scored leaves ``champion`` None (the check is inconclusive, never a
+        pass); a candidate that cannot be scored gets 0: it failed its own eval items."""
         if n <= 0 or not self.has_quality_set:
             return None
         # Both versions at once: the same items, the same moment, half the wait.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="quality") as pool:
             base_f = pool.submit(self._score, champion, n)
             score_f = pool.submit(self._score, candidate, n)
+            base: float | None
             try:
                 base = base_f.result()
             except (EndpointUnavailableError, EndpointResponseError) as exc:
-                log.warning("quality probe of the champion failed, no quality verdict: %s", exc)
-                return None
+                log.warning("quality probe of the champion failed: inconclusive: %s", exc)
+                base = None
             try:
                 score = score_f.result()
             except (EndpointUnavailableError, EndpointResponseError) as exc:
@@ -123,7 +131,7 @@ class Prober:
     def synthetic(self, slot: Slot) -> bool:
         """One small request to ``slot``; whether it succeeded (the router logs it too)."""
         text = next(self._texts)
-        headers = {ROUTE_HEADER: slot.value, PROBE_HEADER: "synthetic"}
+        headers = self._headers(slot, "synthetic")
         try:
             if self.chat:
                 r = self._http.post(
