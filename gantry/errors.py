@@ -493,6 +493,18 @@ class WebhookParameterError(WebhookError):
         super().__init__(message, fix=fix)
 
 
+class WebhookForbiddenError(WebhookError):
+    """The delivery asks for something the webhook config does not let a delivery do: an
+    inline spec, an override of an unlisted field, a change that weakens a gate or names a
+    host path. The sender holds a shared secret, not the keys to the platform."""
+
+    status = 403
+
+    def __init__(self, message: str, *, fields: Sequence[str], fix: str | None = None) -> None:
+        self.fields = tuple(fields)
+        super().__init__(message, fix=fix)
+
+
 class WebhookConflictError(WebhookError):
     """A delivery id was seen before with a different body."""
 

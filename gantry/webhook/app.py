@@ -46,13 +46,15 @@ from gantry.errors import (
     WebhookConflictError,
     WebhookContentTypeError,
     WebhookError,
+    WebhookForbiddenError,
     WebhookParameterError,
+    WebhookSignatureError,
     WebhookTimeoutError,
 )
 from gantry.proc import redact_text
 from gantry.webhook.config import WebhookConfig
 from gantry.webhook.mapping import Ignored, map_delivery
-from gantry.webhook.signature import verify_signature
+from gantry.webhook.signature import signed_timestamp, verify_signature
 from gantry.webhook.store import Delivery, DeliveryStore
 
 log = logging.getLogger(__name__)
@@ -96,13 +98,17 @@ def create_app(
         delivery = "-"
         try:
             body = await _read_body(request, config.max_body_bytes, config.read_timeout_s)
-            verify_signature(body, request.headers, secret)
+            verify_signature(
+                body, request.headers, secret, tolerance_s=config.signature_tolerance_s
+            )
             delivery = _delivery_id(request)
             answer = await _handle(request, body, delivery, config, store, state["starter"])
         except WebhookError as exc:
             fields = (
                 [{"loc": loc, "msg": msg} for loc, msg in exc.errors]
                 if isinstance(exc, WebhookParameterError)
+                else [{"loc": f, "msg": "not allowed from a delivery"} for f in exc.fields]
+                if isinstance(exc, WebhookForbiddenError)
                 else None
             )
             return _refuse(exc.status, exc, delivery, secret, fields=fields)
@@ -144,13 +150,36 @@ async def _handle(
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WebhookError(f"the body is not JSON: {exc}") from None
     event = request.headers.get("x-github-event")
+    stamp = signed_timestamp(request.headers)
+    if event is None and stamp is None and config.require_timestamp:
+        raise WebhookSignatureError(
+            "this receiver takes only timestamped signatures from generic senders",
+            fix="sign as X-Gantry-Signature: t=<unix time>,v1=<hex of HMAC-SHA256 over "
+            '"<t>." + body>',
+        )
     outcome = map_delivery(event, payload, config)
     if isinstance(outcome, Ignored):
         log.info("delivery %s (%s): ignored: %s", delivery, event or "generic", outcome.reason)
         return JSONResponse({"ignored": outcome.reason, "delivery": delivery}, status_code=202)
+    # The payload's own identity: a captured body resent under a new delivery id is the
+    # same trigger, answered with the run it started.
+    identity = outcome.identity or (
+        f"generic:{stamp}:{body_sha256}" if event is None and stamp is not None else None
+    )
+    if identity is not None:
+        earlier = await anyio.to_thread.run_sync(store.get_by_identity, identity)
+        if earlier is not None:
+            log.info(
+                "delivery %s: the same payload as delivery %s (%s), flow run %s",
+                delivery,
+                earlier.delivery_id,
+                identity,
+                earlier.flow_run_id,
+            )
+            return _accepted(earlier, duplicate=True)
     run = await starter.start(
         {RELEASE_PARAMETER: outcome.spec.model_dump(mode="json")},
-        idempotency_key=f"gantry-webhook:{delivery}",
+        idempotency_key=f"gantry-webhook:{identity or delivery}",
         tags=["webhook", f"webhook:{outcome.event}"],
     )
     stored = await anyio.to_thread.run_sync(
@@ -161,6 +190,7 @@ async def _handle(
             flow_run_id=str(run.flow_run_id),
             url=run.url,
             release_id=outcome.spec.release_id,
+            identity=identity,
         ),
     )
     log.info(

@@ -103,6 +103,34 @@ class WebhookConfig(BaseModel):
     github: dict[str, GitHubRoute] = Field(
         default_factory=dict, description="Repository full name (`owner/name`) → route."
     )
+    allow_inline_spec: bool = Field(
+        default=False,
+        description="Let generic deliveries carry a whole spec (`spec`) instead of naming a "
+        "spec file under the spec root.",
+    )
+    allow_overrides: bool = Field(
+        default=False, description="Let generic deliveries override fields of their spec."
+    )
+    override_fields: tuple[str, ...] = Field(
+        default=("source.revision",),
+        description="The dotted fields an override may set (with allow_overrides).",
+    )
+    trusted_fields: tuple[str, ...] = Field(
+        default=(),
+        description="Fields a delivery may change even though the change weakens a gate or "
+        "names a host path or credential (e.g. `evaluate.threshold`); none by default.",
+    )
+    require_timestamp: bool = Field(
+        default=False,
+        description="Refuse generic deliveries not signed with a timestamp "
+        "(`X-Gantry-Signature: t=<unix time>,v1=<hex>`).",
+    )
+    signature_tolerance_s: float = Field(
+        default=300,
+        gt=0,
+        le=86400,
+        description="How old (or how far ahead) a timestamped signature may be.",
+    )
 
     @field_validator("spec_root")
     @classmethod

@@ -14,6 +14,12 @@ Three payload kinds:
 
 Anything else maps to :class:`Ignored` (answered 202, logged, no run). A payload that
 cannot become a valid spec raises :class:`WebhookParameterError` naming each field.
+
+A sender holds a shared secret, not the keys to the platform: inline specs and overrides
+are off unless the webhook config allows them (and overrides then only for its
+``override_fields``), and no delivery may weaken a gate or point a credential or a host
+path elsewhere (:func:`weakened`) unless the config trusts that field
+(:class:`~gantry.errors.WebhookForbiddenError`, 403).
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gantry.errors import ConfigError, WebhookParameterError
-from gantry.spec import ReleaseSpec
+from gantry.errors import ConfigError, WebhookForbiddenError, WebhookParameterError
+from gantry.spec import ReleaseSpec, Severity
 from gantry.webhook.config import WebhookConfig, resolve_spec_path
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -73,6 +79,7 @@ class GitHubRepository(_GitHubModel):
 
 
 class GitHubRelease(_GitHubModel):
+    id: int | None = None
     tag_name: str = Field(min_length=1)
     prerelease: bool = False
     draft: bool = False
@@ -87,6 +94,8 @@ class ReleaseEvent(_GitHubModel):
 
 
 class WorkflowRun(_GitHubModel):
+    id: int | None = None
+    run_attempt: int = 1
     name: str | None = None
     path: str | None = None
     head_branch: str | None = None
@@ -110,6 +119,12 @@ class Trigger(BaseModel):
     spec: ReleaseSpec
     origin: str = Field(description="What caused it, for logs and run tags.")
     event: str
+    identity: str | None = Field(
+        default=None,
+        description="What the signed payload itself says it is (GitHub's release id and "
+        "action, workflow run id and attempt): a resend under a new delivery id is the "
+        "same trigger.",
+    )
 
 
 class Ignored(BaseModel):
@@ -158,14 +173,130 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def _generic(payload: Any, config: WebhookConfig) -> Trigger:
     trigger = _validate(GenericTrigger, payload, prefix="")
+    if trigger.overrides:
+        if not config.allow_overrides:
+            raise WebhookForbiddenError(
+                "this receiver takes no overrides",
+                fields=[f"overrides.{k}" for k in trigger.overrides],
+                fix="send the spec_path alone, or set allow_overrides in the webhook config",
+            )
+        unlisted = sorted(k for k in trigger.overrides if k not in config.override_fields)
+        if unlisted:
+            raise WebhookForbiddenError(
+                f"overrides of {', '.join(unlisted)} are not allowed (allowed: "
+                f"{', '.join(config.override_fields) or 'none'})",
+                fields=[f"overrides.{k}" for k in unlisted],
+                fix="add the field to override_fields in the webhook config if deliveries "
+                "may set it",
+            )
     if trigger.spec_path is not None:
         data = _read_spec(config, trigger.spec_path, loc="spec_path")
         origin = f"generic delivery, spec {trigger.spec_path}"
+        base = _validate(ReleaseSpec, data, prefix="spec.")
     else:
+        if not config.allow_inline_spec:
+            raise WebhookForbiddenError(
+                "this receiver takes no inline specs",
+                fields=["spec"],
+                fix="name a spec file under the spec root (spec_path), or set "
+                "allow_inline_spec in the webhook config",
+            )
         data = dict(trigger.spec or {})
         origin = "generic delivery, inline spec"
+        base = None
     spec = _validate(ReleaseSpec, apply_overrides(data, trigger.overrides), prefix="spec.")
+    _refuse_weakening(spec, base or _defaults_for(spec), config)
     return Trigger(spec=spec, origin=origin, event="generic")
+
+
+#: Fields whose change from a delivery weakens a gate, or sends a credential, a signature
+#: or the record somewhere else, or names a host path: field -> the direction that weakens
+#: ("any": every change).
+_GUARDED: dict[str, str] = {
+    "source.endpoint": "any",
+    "source.token_env": "any",
+    "source.token_secret": "any",
+    "runtime.dockerfile_dir": "any",
+    "build.repository": "any",
+    "scan.severity": "up",
+    "scan.ignore_unfixed": "on",
+    "scan.allowlist": "any",
+    "scan.allow_offline": "on",
+    "scan.db_repository": "any",
+    "sign": "any",
+    "smoke.chat_prompt": "any",
+    "smoke.chat_expect": "any",
+    "evaluate.dataset": "any",
+    "evaluate.metric": "any",
+    "evaluate.threshold": "down",
+    "evaluate.tolerance": "up",
+    "mlflow.tracking_uri": "any",
+    "mlflow.model_name": "any",
+    "canary.steps": "any",
+    "canary.window_s": "down",
+    "canary.min_requests": "down",
+    "canary.max_error_rate": "up",
+    "canary.max_latency_ratio": "up",
+    "canary.latency_slack_ms": "up",
+    "canary.quality_probes": "down",
+    "canary.quality_tolerance": "up",
+    "canary.manual_approval": "off",
+}
+_SEVERITY_RANK = {s.value: i for i, s in enumerate(Severity)}
+
+
+def weakened(spec: ReleaseSpec, base: ReleaseSpec) -> list[tuple[str, str]]:
+    """``(field, why)`` for each guarded field ``spec`` changes from ``base`` the weak way."""
+    new, old = _flat(spec.model_dump(mode="json")), _flat(base.model_dump(mode="json"))
+    out: list[tuple[str, str]] = []
+    for field, direction in _GUARDED.items():
+        keys = sorted(k for k in {*new, *old} if k == field or k.startswith(f"{field}."))
+        changed = [k for k in keys if new.get(k) != old.get(k)]
+        if not changed:
+            continue
+        a, b = old.get(field), new.get(field)
+        if field == "scan.severity" and isinstance(a, str) and isinstance(b, str):
+            a, b = _SEVERITY_RANK.get(a, 0), _SEVERITY_RANK.get(b, 0)
+        weak = {
+            "any": True,
+            "on": b is True,
+            "off": b is False,
+            "up": isinstance(a, int | float) and isinstance(b, int | float) and b > a,
+            "down": isinstance(a, int | float) and isinstance(b, int | float) and b < a,
+        }[direction]
+        if weak:
+            out.append(
+                (field, "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:3]))
+            )
+    return out
+
+
+def _refuse_weakening(spec: ReleaseSpec, base: ReleaseSpec, config: WebhookConfig) -> None:
+    found = [(f, why) for f, why in weakened(spec, base) if f not in config.trusted_fields]
+    if found:
+        raise WebhookForbiddenError(
+            "a delivery may not weaken a gate or redirect a credential, signature, record or "
+            "host path: " + "; ".join(why for _, why in found),
+            fields=[f"spec.{f}" for f, _ in found],
+            fix="change the spec file under the spec root instead, or list the field in "
+            "trusted_fields of the webhook config",
+        )
+
+
+def _defaults_for(spec: ReleaseSpec) -> ReleaseSpec:
+    """What an inline spec is held against: the defaults, for its model and source."""
+    return ReleaseSpec.model_validate(
+        {"name": spec.name, "source": {"repo_id": spec.source.repo_id, "revision": "main"}}
+    )
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
 
 
 def _github_release(payload: Any, config: WebhookConfig) -> Trigger | Ignored:
@@ -182,8 +313,16 @@ def _github_release(payload: Any, config: WebhookConfig) -> Trigger | Ignored:
     data = _read_spec(config, route.spec, loc=None)
     overrides = {"source.revision": ev.release.tag_name} if route.tag_as_revision else {}
     spec = _validate(ReleaseSpec, apply_overrides(data, overrides), prefix="spec.")
+    identity = (
+        None
+        if ev.release.id is None
+        else f"github:{repo.lower()}:release:{ev.release.id}:{ev.action}"
+    )
     return Trigger(
-        spec=spec, origin=f"GitHub release {repo}@{ev.release.tag_name}", event="release"
+        spec=spec,
+        origin=f"GitHub release {repo}@{ev.release.tag_name}",
+        event="release",
+        identity=identity,
     )
 
 
@@ -206,6 +345,9 @@ def _github_workflow_run(payload: Any, config: WebhookConfig) -> Trigger | Ignor
         spec=spec,
         origin=f"GitHub workflow run {repo} {run.name or run.path} @{run.head_sha[:12]}",
         event="workflow_run",
+        identity=None
+        if run.id is None
+        else f"github:{repo.lower()}:workflow_run:{run.id}:{run.run_attempt}",
     )
 
 

@@ -1,9 +1,11 @@
 """Delivery id → flow run, in SQLite under ``<state dir>/webhook``.
 
 The first layer of idempotency: a redelivery (GitHub's "Redeliver", a CI retry) is
-answered with the run the first delivery started, without asking Prefect. The second is
-the idempotency key passed to Prefect, which covers a crash between creating the run and
-recording it here.
+answered with the run the first delivery started, without asking Prefect; so is a captured
+body sent again under a new delivery id, recognised by the payload's own ``identity``
+(GitHub's release id and action, workflow run id and attempt, a timestamped signature).
+The second is the idempotency key passed to Prefect, which covers a crash between creating
+the run and recording it here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     received_at TEXT NOT NULL
 )
 """
+_COLUMNS = ("delivery_id", "body_sha256", "flow_run_id", "url", "release_id", "received_at")
 
 
 class Delivery(BaseModel):
@@ -39,6 +42,7 @@ class Delivery(BaseModel):
     url: str
     release_id: str
     received_at: str = ""
+    identity: str | None = None
 
 
 class DeliveryStore:
@@ -51,6 +55,14 @@ class DeliveryStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            # Added after the first release of the table: migrate a store that lacks it.
+            cols = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
+            if "identity" not in cols:
+                db.execute("ALTER TABLE deliveries ADD COLUMN identity TEXT")
+            db.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS deliveries_identity ON deliveries(identity) "
+                "WHERE identity IS NOT NULL"
+            )
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -63,23 +75,31 @@ class DeliveryStore:
             db.close()
 
     def get(self, delivery_id: str) -> Delivery | None:
+        return self._one("delivery_id", delivery_id)
+
+    def get_by_identity(self, identity: str) -> Delivery | None:
+        """The delivery that started a run for this payload identity, if any."""
+        return self._one("identity", identity)
+
+    def _one(self, column: str, value: str) -> Delivery | None:
+        assert column in ("delivery_id", "identity")  # never from input
         with self._connect() as db:
             row = db.execute(
-                "SELECT delivery_id, body_sha256, flow_run_id, url, release_id, received_at "
-                "FROM deliveries WHERE delivery_id = ?",
-                (delivery_id,),
+                f"SELECT {', '.join(_COLUMNS)}, identity FROM deliveries WHERE {column} = ?",  # noqa: S608
+                (value,),
             ).fetchone()
         if row is None:
             return None
-        keys = ("delivery_id", "body_sha256", "flow_run_id", "url", "release_id", "received_at")
-        return Delivery(**dict(zip(keys, row, strict=True)))
+        return Delivery(**dict(zip((*_COLUMNS, "identity"), row, strict=True)))
 
     def put(self, delivery: Delivery) -> Delivery:
-        """Record ``delivery`` unless its id is known; return what is stored (first wins)."""
+        """Record ``delivery`` unless its id or identity is known; return what is stored
+        (first wins)."""
         received = delivery.received_at or datetime.now(UTC).isoformat(timespec="seconds")
         with self._connect() as db:
             db.execute(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO deliveries ({', '.join(_COLUMNS)}, identity) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     delivery.delivery_id,
                     delivery.body_sha256,
@@ -87,8 +107,11 @@ class DeliveryStore:
                     delivery.url,
                     delivery.release_id,
                     received,
+                    delivery.identity,
                 ),
             )
-        stored = self.get(delivery.delivery_id)
+        stored = self.get(delivery.delivery_id) or (
+            self.get_by_identity(delivery.identity) if delivery.identity else None
+        )
         assert stored is not None  # just inserted, or already there
         return stored

@@ -103,7 +103,7 @@ def receiver(
     state = tmp_path_factory.mktemp("webhook-state")
     config = state / "webhook.yaml"
     config.write_text(
-        f"spec_root: {REPO_ROOT}\nmax_body_bytes: {MAX_BODY}\n"
+        f"spec_root: {REPO_ROOT}\nmax_body_bytes: {MAX_BODY}\nallow_overrides: true\n"
         f"github:\n  acme/minilm-model:\n    spec: {DEMO}\n    events: [release]\n"
     )
     port = free_port()
@@ -196,11 +196,29 @@ def test_github_release_twice_starts_exactly_one_run(
     run = anyio.run(read)
     assert run.deployment_id == deployment.id
     assert run.state.type.value == "SCHEDULED"
-    assert run.idempotency_key == f"gantry-webhook:{delivery}"
+    # Keyed on the payload's own identity, so a replay under another delivery id is caught
+    # by Prefect too.
+    assert run.idempotency_key == "gantry-webhook:github:acme/minilm-model:release:42:published"
     assert run.parameters == {"spec": load_spec(REPO_ROOT / DEMO).model_dump(mode="json")}
     # The link opens in a browser: the UI serves its page for it (to HTML clients only).
     page = httpx.get(first.json()["url"], headers={"Accept": "text/html"}, timeout=10)
     assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_a_captured_body_resent_under_a_new_delivery_id_starts_no_second_run(
+    receiver: str, prefect_server: PrefectServer, deployment: RegisteredDeployment
+) -> None:
+    """A replay of a signed GitHub body (new X-GitHub-Delivery): the same run comes back."""
+    body = json.dumps(
+        {**_github_release(), "release": {**_github_release()["release"], "id": 4242}}
+    )
+    first = _send(receiver, body.encode(), delivery=str(uuid.uuid4()))
+    before = _count(prefect_server, deployment)
+    replay = _send(receiver, body.encode(), delivery=str(uuid.uuid4()))
+    assert first.status_code == replay.status_code == 202, replay.text
+    assert replay.json()["flow_run_id"] == first.json()["flow_run_id"]
+    assert replay.json()["duplicate"] is True
+    assert _count(prefect_server, deployment) == before
 
 
 def _cases() -> list[Any]:

@@ -96,6 +96,7 @@ EXPECTED: dict[str, Kind] = {
     "WebhookContentTypeError": "permanent",
     "WebhookParameterError": "permanent",
     "WebhookConflictError": "permanent",
+    "WebhookForbiddenError": "permanent",
     "WebhookTimeoutError": "permanent",
     "ReleaseInProgressError": "permanent",
     "DeploymentStatusUnreadableError": "permanent",

@@ -58,7 +58,11 @@ def starter() -> RecordingStarter:
 @pytest.fixture
 def client(tmp_path: Path, starter: RecordingStarter) -> Iterator[TestClient]:
     config = WebhookConfig(
-        spec_root=REPO_ROOT, max_body_bytes=4096, github={"acme/minilm": GitHubRoute(spec=DEMO)}
+        spec_root=REPO_ROOT,
+        max_body_bytes=4096,
+        github={"acme/minilm": GitHubRoute(spec=DEMO)},
+        allow_overrides=True,
+        allow_inline_spec=True,
     )
 
     @contextlib.asynccontextmanager
@@ -246,4 +250,120 @@ def test_a_body_that_trickles_in_is_cut_off_with_408(
     (start,) = [m for m in sent if m.get("type") == "http.response.start"]
     assert start["status"] == 408
     assert elapsed < 5
+    assert starter.calls == []
+
+
+# --- replays -------------------------------------------------------------------------------
+
+
+def _github_release(release_id: int = 42) -> dict[str, Any]:
+    return {
+        "action": "published",
+        "release": {"id": release_id, "tag_name": "v1", "prerelease": False, "draft": False},
+        "repository": {"full_name": "acme/minilm"},
+    }
+
+
+def test_a_captured_github_body_resent_under_a_new_delivery_id_starts_nothing(
+    client: TestClient, starter: RecordingStarter
+) -> None:
+    first = _post(client, _github_release(), delivery="gh-1", event="release")
+    replay = _post(client, _github_release(), delivery="gh-2", event="release")
+    assert first.status_code == replay.status_code == 202
+    assert replay.json()["duplicate"] is True
+    assert replay.json()["flow_run_id"] == first.json()["flow_run_id"]
+    assert [key for _, key, _ in starter.calls] == [
+        "gantry-webhook:github:acme/minilm:release:42:published"
+    ]
+    # Another release of the repository is another trigger.
+    other = _post(client, _github_release(43), delivery="gh-3", event="release")
+    assert other.json()["duplicate"] is False and len(starter.calls) == 2
+
+
+def test_a_workflow_run_is_one_trigger_per_attempt(
+    tmp_path: Path, starter: RecordingStarter
+) -> None:
+    config = WebhookConfig(
+        spec_root=REPO_ROOT, github={"acme/ci": GitHubRoute(spec=DEMO, events=("workflow_run",))}
+    )
+
+    @contextlib.asynccontextmanager
+    async def factory() -> AsyncIterator[RunStarter]:
+        yield starter
+
+    app = create_app(
+        config, secret=SECRET, store=DeliveryStore(tmp_path / "d.sqlite3"), starter=factory
+    )
+
+    def run(attempt: int) -> dict[str, Any]:
+        return {
+            "action": "completed",
+            "workflow_run": {
+                "id": 777, "run_attempt": attempt, "name": "publish", "head_branch": "main",
+                "head_sha": "0" * 40, "conclusion": "success",
+            },
+            "repository": {"full_name": "acme/ci"},
+        }  # fmt: skip
+
+    with TestClient(app) as c:
+        ids = [
+            _post(c, run(a), delivery=d, event="workflow_run").json()["flow_run_id"]
+            for a, d in ((1, "w-1"), (1, "w-2"), (2, "w-3"))
+        ]
+    assert ids[0] == ids[1] != ids[2] and len(starter.calls) == 2
+
+
+def _post_timestamped(client: TestClient, payload: Any, *, delivery: str, at: float) -> Any:
+    from gantry.webhook.signature import sign_timestamped
+
+    body = json.dumps(payload).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "X-Gantry-Delivery": delivery,
+        "X-Gantry-Signature": sign_timestamped(body, SECRET, int(at)),
+    }
+    return client.post("/webhook", content=body, headers=headers)
+
+
+def test_timestamped_signatures_refuse_old_bodies_and_dedupe_replays(
+    tmp_path: Path, starter: RecordingStarter
+) -> None:
+    import time
+
+    config = WebhookConfig(spec_root=REPO_ROOT, require_timestamp=True, signature_tolerance_s=60)
+
+    @contextlib.asynccontextmanager
+    async def factory() -> AsyncIterator[RunStarter]:
+        yield starter
+
+    app = create_app(
+        config, secret=SECRET, store=DeliveryStore(tmp_path / "d.sqlite3"), starter=factory
+    )
+    payload = {"spec_path": DEMO}
+    now = time.time()
+    with TestClient(app) as c:
+        fresh = _post_timestamped(c, payload, delivery="t-1", at=now)
+        assert fresh.status_code == 202, fresh.text
+        # The same signed body under a new delivery id, inside the window: the same run.
+        replay = _post_timestamped(c, payload, delivery="t-2", at=now)
+        assert replay.json()["duplicate"] is True
+        assert replay.json()["flow_run_id"] == fresh.json()["flow_run_id"]
+        # Outside the window (either way): refused, whatever the delivery id.
+        for at in (now - 3600, now + 3600):
+            r = _post_timestamped(c, payload, delivery=f"t-{at}", at=at)
+            assert r.status_code == 401 and "outside the 60s" in r.json()["error"]
+        # Required: a plain signature from a generic sender is refused.
+        plain = _post(c, payload, delivery="t-3")
+        assert plain.status_code == 401 and "timestamped" in plain.json()["error"]
+    assert len(starter.calls) == 1
+
+
+def test_forbidden_changes_are_403_and_start_nothing(
+    client: TestClient, starter: RecordingStarter
+) -> None:
+    r = _post(client, {"spec_path": DEMO, "overrides": {"evaluate.threshold": 0.0}})
+    assert r.status_code == 403
+    assert r.json()["fields"] == [
+        {"loc": "overrides.evaluate.threshold", "msg": "not allowed from a delivery"}
+    ]
     assert starter.calls == []

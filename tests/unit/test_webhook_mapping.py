@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gantry.errors import ConfigError, WebhookParameterError
+from gantry.errors import ConfigError, WebhookForbiddenError, WebhookParameterError
 from gantry.spec import load_spec
 from gantry.webhook.config import GitHubRoute, WebhookConfig, load_webhook_config
 from gantry.webhook.mapping import Ignored, Trigger, apply_overrides, map_delivery
@@ -19,9 +19,25 @@ DEMO = "examples/minilm-demo.yaml"
 DEMO_SPEC = load_spec(REPO_ROOT / DEMO)
 
 
-def _config(**routes: GitHubRoute) -> WebhookConfig:
+#: A receiver that lets generic deliveries carry inline specs and override these fields.
+OPEN: dict[str, Any] = {
+    "allow_inline_spec": True,
+    "allow_overrides": True,
+    "override_fields": (
+        "source.revision",
+        "sourse.revision",
+        "name",
+        "name.first",
+        "scan.severity",
+    ),
+}
+
+
+def _config(policy: dict[str, Any] | None = None, **routes: GitHubRoute) -> WebhookConfig:
     return WebhookConfig(
-        spec_root=REPO_ROOT, github={k.replace("__", "/"): v for k, v in routes.items()}
+        spec_root=REPO_ROOT,
+        github={k.replace("__", "/"): v for k, v in routes.items()},
+        **(policy or {}),
     )
 
 
@@ -70,7 +86,7 @@ def _fields(exc: pytest.ExceptionInfo[WebhookParameterError]) -> list[str]:
 
 def test_generic_spec_path_with_revision_override() -> None:
     payload = {"spec_path": DEMO, "overrides": {"source.revision": "v2"}}
-    t = _trigger(map_delivery(None, payload, _config()))
+    t = _trigger(map_delivery(None, payload, _config(OPEN)))
     assert t.spec.source.revision == "v2"
     assert t.spec.model_dump(exclude={"source"}) == DEMO_SPEC.model_dump(exclude={"source"})
     assert t.event == "generic" and DEMO in t.origin
@@ -79,7 +95,7 @@ def test_generic_spec_path_with_revision_override() -> None:
 def test_generic_inline_spec() -> None:
     inline = {"name": "tiny", "source": {"repo_id": "acme/tiny", "revision": "abc"}}
     t = _trigger(
-        map_delivery(None, {"spec": inline, "overrides": {"scan.severity": "HIGH"}}, _config())
+        map_delivery(None, {"spec": inline, "overrides": {"scan.severity": "HIGH"}}, _config(OPEN))
     )
     assert (t.spec.name, t.spec.source.repo_id, t.spec.scan.severity) == (
         "tiny",
@@ -107,9 +123,77 @@ def test_generic_inline_spec() -> None:
 )
 def test_generic_invalid_parameters_name_the_field(payload: dict[str, Any], field: str) -> None:
     with pytest.raises(WebhookParameterError) as exc:
-        map_delivery(None, payload, _config())
+        map_delivery(None, payload, _config(OPEN))
     assert field in _fields(exc), exc.value.errors
     assert exc.value.status == 422
+
+
+@pytest.mark.parametrize(
+    ("payload", "policy", "fields"),
+    [
+        # Off by default: inline specs and overrides.
+        ({"spec": {"name": "x", "source": {"repo_id": "a/b"}}}, {}, ["spec"]),
+        (
+            {"spec_path": DEMO, "overrides": {"source.revision": "v2"}},
+            {},
+            ["overrides.source.revision"],
+        ),
+        # Allowed, but only for the listed fields.
+        (
+            {"spec_path": DEMO, "overrides": {"evaluate.threshold": 0.1}},
+            {"allow_overrides": True},
+            ["overrides.evaluate.threshold"],
+        ),
+        # Listed, but a change that weakens a gate or redirects a credential or host path.
+        *(
+            (
+                {"spec_path": DEMO, "overrides": {field: value}},
+                {"allow_overrides": True, "override_fields": (field,)},
+                [f"spec.{field.split('.')[0] if field.startswith('sign') else field}"],
+            )
+            for field, value in [
+                ("scan.ignore_unfixed", True),
+                (
+                    "scan.allowlist",
+                    [{"id": "CVE-2024-1", "expires": "2099-01-01", "reason": "accepted"}],
+                ),
+                ("evaluate.dataset", None),
+                ("evaluate.threshold", 0.1),
+                ("evaluate.tolerance", 0.5),
+                ("canary.max_error_rate", 0.5),
+                ("canary.steps", [50, 100]),
+                ("sign.key", "/root/.ssh/id_ed25519"),
+                ("runtime.dockerfile_dir", "/etc"),
+                ("source.endpoint", "https://hub.attacker.example"),
+                ("mlflow.tracking_uri", "https://mlflow.attacker.example"),
+            ]
+        ),
+        (
+            {"spec": {"name": "x", "source": {"repo_id": "a/b"}, "scan": {"allow_offline": True}}},
+            {"allow_inline_spec": True},
+            ["spec.scan.allow_offline"],
+        ),
+    ],
+)
+def test_a_delivery_cannot_weaken_a_gate_or_redirect_a_credential(
+    payload: dict[str, Any], policy: dict[str, Any], fields: list[str]
+) -> None:
+    with pytest.raises(WebhookForbiddenError) as exc:
+        map_delivery(None, payload, _config(policy))
+    assert exc.value.status == 403 and list(exc.value.fields) == fields, exc.value.message
+
+
+def test_trusted_fields_and_stricter_changes_pass() -> None:
+    stricter = {"spec_path": DEMO, "overrides": {"evaluate.threshold": 0.95}}
+    policy = {"allow_overrides": True, "override_fields": ("evaluate.threshold",)}
+    assert _trigger(map_delivery(None, stricter, _config(policy))).spec.evaluate.threshold == 0.95
+    weaker = {"spec_path": DEMO, "overrides": {"evaluate.threshold": 0.1}}
+    trusted = {**policy, "trusted_fields": ("evaluate.threshold",)}
+    assert _trigger(map_delivery(None, weaker, _config(trusted))).spec.evaluate.threshold == 0.1
+    # The GitHub route's own revision override is the config's, not the sender's choice.
+    route = GitHubRoute(spec=DEMO, tag_as_revision=True)
+    t = _trigger(map_delivery("release", _release(id=9), _config(acme__minilm=route)))
+    assert t.spec.source.revision == "v2" and t.identity == "github:acme/minilm:release:9:published"
 
 
 def test_payload_must_be_an_object() -> None:
@@ -138,7 +222,7 @@ def test_release_published_uses_the_mapped_spec() -> None:
 
 
 def test_release_tag_as_revision_and_case_insensitive_repository() -> None:
-    config = _config(**{"Acme__MiniLM": GitHubRoute(spec=DEMO, tag_as_revision=True)})
+    config = _config(None, Acme__MiniLM=GitHubRoute(spec=DEMO, tag_as_revision=True))
     t = _trigger(map_delivery("release", _release(repo="acme/minilm", tag_name="v9"), config))
     assert t.spec.source.revision == "v9"
 
