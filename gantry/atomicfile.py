@@ -35,6 +35,13 @@ def sweep_stale(path: Path) -> list[Path]:
     return removed
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` created (with parents) and made 0700: what is under it is the owner's."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically; ``mode`` is set before the file appears."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gantry.atomicfile import private_dir
 from gantry.errors import (
     ConfigError,
     GantryError,
@@ -591,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        # Records, keys, tokens and the deployments' controls live under it: the owner's.
+        private_dir(get_settings().state_dir)
         code: int = args.func(args)
     except GantryError as exc:
         print(f"gantry: {exc}", file=sys.stderr)

@@ -25,8 +25,11 @@ REDACTED = "***"
 # Values of these flags and environment variables are never printed.
 _SECRET_FLAGS = ("--password", "--token", "--key-password", "--secret", "--registry-password")
 _SECRET_ENV = re.compile(r"(TOKEN|PASSWORD|SECRET|PASSPHRASE|API_KEY|CREDENTIAL)", re.I)
-# user:password@ in URLs, and bearer tokens in headers.
+# user:password@ and token@ in URLs, and bearer tokens in headers.
 _URL_CREDS = re.compile(r"(?<=://)([^/@\s:]+):([^/@\s]+)@")
+_URL_TOKEN = re.compile(r"(?<=://)[^/@\s:]+@")
+#: Names (of variables, keys, fields) that hold secrets: what is never logged or stored.
+SECRET_NAME = re.compile(r"token|password|passwd|passphrase|secret|credential|api_?key", re.I)
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
@@ -37,6 +40,7 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, REDACTED)
     text = _URL_CREDS.sub(rf"\1:{REDACTED}@", text)
+    text = _URL_TOKEN.sub(f"{REDACTED}@", text)
     text = _BEARER.sub(rf"\1{REDACTED}", text)
     return _HF_TOKEN.sub(REDACTED, text)
 
@@ -60,6 +64,11 @@ def redact_argv(argv: Sequence[str], secrets: Iterable[str] = ()) -> list[str]:
             continue
         out.append(redact_text(arg, secrets))
     return out
+
+
+def has_url_credentials(text: str) -> bool:
+    """Whether ``text`` holds a URL with credentials in it (``user:pass@``, ``token@``)."""
+    return bool(_URL_CREDS.search(text) or _URL_TOKEN.search(text))
 
 
 def secret_env_values(env: Mapping[str, str]) -> list[str]:

@@ -3,6 +3,9 @@
 Written atomically after every stage, so a run killed at any point leaves a record that
 says how far it got. ``<state dir>/releases/<release-id>.json`` holds the latest run of a
 release; earlier runs of the same release are kept under ``releases/history/``.
+
+Records are private (0600, in a 0700 directory) and hold no secret: the spec is stored as
+:func:`stored_spec` redacts it, as MLflow's params are (a valid spec holds none anyway).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 
 import gantry
-from gantry.atomicfile import write_atomic
+from gantry.atomicfile import private_dir, write_atomic
 from gantry.errors import ReleaseInProgressError
 from gantry.locks import exclusive
-from gantry.proc import redact_text
+from gantry.proc import REDACTED, SECRET_NAME, redact_text
 from gantry.spec import ReleaseSpec
 
 log = logging.getLogger("gantry.record")
@@ -91,6 +94,30 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+#: Records are the owner's alone (and so is their directory: :func:`private_dir`).
+RECORD_MODE = 0o600
+
+
+def stored_spec(spec: ReleaseSpec) -> dict[str, Any]:
+    """The spec as a record keeps it: values under secret-named runtime.env keys and
+    credentials in URLs redacted (the spec's validation refuses both; this is the guard
+    for a spec built around it)."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return redact_text(node) if isinstance(node, str) else node
+
+    data: dict[str, Any] = scrub(spec.model_dump(mode="json"))
+    env = data.get("runtime", {}).get("env", {})
+    for key in env:
+        if SECRET_NAME.search(key):
+            env[key] = REDACTED
+    return data
+
+
 def record_path(releases_dir: Path, release_id: str) -> Path:
     return releases_dir / f"{release_id}.json"
 
@@ -111,12 +138,12 @@ class Recorder:
         self.record = ReleaseRecord(
             release_id=spec.release_id,
             model=spec.name,
-            spec=spec.model_dump(mode="json"),
+            spec=stored_spec(spec),
             started_at=_now(),
             flow_run_id=flow_run_id,
             stages={name: StageRecord() for name in STAGES},
         )
-        releases_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(releases_dir)
         self.previous: ReleaseRecord | None = None
         self._history = self.path.parent / "history"
         self._archived: Path | None = None
@@ -129,7 +156,7 @@ class Recorder:
         self.write()
 
     def _archive_previous(self) -> None:
-        self._history.mkdir(exist_ok=True)
+        private_dir(self._history)
         # Microseconds and a random suffix: two runs in one second must not overwrite.
         stamp = datetime.fromtimestamp(self.path.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S.%f")
         self._archived = self._history / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json"
@@ -153,7 +180,7 @@ class Recorder:
                 yield rec
 
     def write(self) -> None:
-        write_atomic(self.path, self.record.model_dump_json(indent=2))
+        write_atomic(self.path, self.record.model_dump_json(indent=2), mode=RECORD_MODE)
 
     def _last_ran(self, name: str) -> StageRecord | None:
         """The stage as it last ran in this release's runs. Runs that failed or were
@@ -165,14 +192,34 @@ class Recorder:
                 return st
         return None
 
-    def _reusable(self, name: str, result_type: type[T], inputs: str) -> T | None:
+    def _reusable(
+        self,
+        name: str,
+        result_type: type[T],
+        inputs: str,
+        stale: Callable[[T], str | None] | None = None,
+    ) -> T | None:
         prev = self._last_ran(name)
         if not (prev and prev.status == StageStatus.SUCCEEDED and prev.inputs == inputs):
             return None
         try:
-            return result_type.model_validate(prev.result)
+            result = result_type.model_validate(prev.result)
         except ValueError:
             return None  # a result of an older Gantry version: run the stage again
+        if stale is not None and (why := stale(result)) is not None:
+            log.info("stage %s: its earlier result is not re-used: %s", name, why)
+            return None
+        return result
+
+    def last_result(self, name: str, result_type: type[T]) -> T | None:
+        """The stage's result where it last ran in this release and succeeded, if any."""
+        prev = self._last_ran(name)
+        if prev is None or prev.status != StageStatus.SUCCEEDED:
+            return None
+        try:
+            return result_type.model_validate(prev.result)
+        except ValueError:
+            return None
 
     def run_stage(
         self,
@@ -181,6 +228,7 @@ class Recorder:
         *,
         reuse: tuple[type[T], str] | None = None,
         may_reuse: bool = True,
+        stale: Callable[[T], str | None] | None = None,
     ) -> T:
         """Run one stage, recording its outcome; on failure the later stages are skipped
         and the exception propagates (so the flow run fails with it).
@@ -189,12 +237,13 @@ class Recorder:
         :meth:`_last_ran`) succeeded on the same ``inputs`` (a fingerprint of the digests
         it consumed) is not run again: its result is taken over and marked cached. Resume,
         don't redo.
-        ``may_reuse=False`` records the inputs (for the next run) but runs the stage.
+        ``may_reuse=False`` records the inputs (for the next run) but runs the stage;
+        ``stale`` says why a result with the same inputs has expired since (None: it has not).
         """
         st = self.record.stages[name]
         st.status, st.started_at = StageStatus.RUNNING, _now()
         st.inputs = reuse[1] if reuse else None
-        if reuse and may_reuse and (prior := self._reusable(name, *reuse)) is not None:
+        if reuse and may_reuse and (prior := self._reusable(name, *reuse, stale)) is not None:
             st.status, st.result, st.cached = (
                 StageStatus.SUCCEEDED,
                 json.loads(prior.model_dump_json()),
@@ -266,7 +315,7 @@ def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseExceptio
     """A record for a run that failed before its flow could record anything (e.g. the
     orchestrator was unreachable), so `gantry release` always has a record to point at."""
     path = record_path(releases_dir, spec.release_id)
-    releases_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(releases_dir)
     rec = ReleaseRecord(
         release_id=spec.release_id,
         model=spec.name,
@@ -277,7 +326,7 @@ def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseExceptio
         stages={name: StageRecord(status=StageStatus.SKIPPED) for name in STAGES},
         error=_error_of(exc),
     )
-    write_atomic(path, rec.model_dump_json(indent=2))
+    write_atomic(path, rec.model_dump_json(indent=2), mode=RECORD_MODE)
     return path
 
 

@@ -24,6 +24,20 @@ def _hostport(value: str, var: str) -> str:
     return value
 
 
+def _token_hosts(value: str) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in value.split(";"))):
+        name, sep, hosts = part.partition("=")
+        listed = tuple(h.strip().lower() for h in hosts.split(",") if h.strip())
+        if not sep or not name.strip() or not listed:
+            raise ConfigError(
+                f"GANTRY_TOKEN_HOSTS: {part!r} is not NAME=HOST[,HOST…]",
+                fix="e.g. GANTRY_TOKEN_HOSTS='HF_TOKEN=hub.internal:8443;ORG_TOKEN=hub.org'",
+            )
+        out[name.strip()] = listed
+    return out
+
+
 class Settings(BaseModel):
     """Process-wide settings, read from the environment once."""
 
@@ -46,6 +60,12 @@ class Settings(BaseModel):
         "model wheels) (GANTRY_CACHE_DIR, default <state dir>/cache). Safe to share."
     )
     docker_timeout_s: float = Field(default=600, description="Docker API call timeout.")
+    token_hosts: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Hub hosts (HOST[:PORT]) each token may be sent to, by the token's "
+        "variable name or `secret:<block>` (GANTRY_TOKEN_HOSTS, `HF_TOKEN=hub.internal,"
+        "hub2.internal;ORG_TOKEN=…`), besides huggingface.co and the host of $HF_ENDPOINT.",
+    )
 
     @field_validator("state_dir", "cache_dir")
     @classmethod
@@ -69,6 +89,7 @@ class Settings(BaseModel):
             hub_addr=_hostport(e.get("GANTRY_HUB_ADDR", "127.0.0.1:5076"), "GANTRY_HUB_ADDR"),
             prefect_port=int(e.get("GANTRY_PREFECT_PORT", "4275")),
             worker_port=int(e.get("GANTRY_WORKER_PORT", "4277")),
+            token_hosts=_token_hosts(e.get("GANTRY_TOKEN_HOSTS", "")),
         )
 
     # Sub-directories; created on first use by the code that writes them.

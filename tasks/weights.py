@@ -28,7 +28,11 @@ def weights_task(source: HubSource, store_root: str) -> WeightsResult:
     token = os.environ.get(source.token_env) or None
     if token is None and source.token_secret:
         token = _secret(source.token_secret)
-    return weights.run(source, WeightStore(Path(store_root)), token=token)
+    from gantry.settings import get_settings
+
+    return weights.run(
+        source, WeightStore(Path(store_root)), token=token, token_hosts=get_settings().token_hosts
+    )
 
 
 def _secret(name: str) -> str:

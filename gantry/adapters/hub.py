@@ -125,8 +125,20 @@ class _LogProgress(hf_tqdm):
         return super().update(n)  # type: ignore[no-any-return]
 
 
-def gated_without_token(repo_id: str, endpoint: str, token_env: str) -> GatedRepoError:
-    """The error for a gated repository used without a token, cached files or not."""
+def gated_without_token(
+    repo_id: str, endpoint: str, token_env: str, *, withheld: bool = False
+) -> GatedRepoError:
+    """The error for a gated repository used without a token, cached files or not;
+    ``withheld``: there was one, but not for this endpoint's host."""
+    if withheld:
+        host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+        return GatedRepoError(
+            f"{repo_id} is a gated repository, and the token of {token_env} is not sent to "
+            f"{host}: it goes only to huggingface.co, the host of $HF_ENDPOINT and the hosts "
+            "GANTRY_TOKEN_HOSTS lists for it",
+            fix=f"if {host} is meant to get it, set GANTRY_TOKEN_HOSTS='{token_env}={host}' on "
+            "the machine that runs the release; otherwise correct source.endpoint",
+        )
     return GatedRepoError(
         f"{repo_id} is a gated repository and no token was given",
         fix=f"request access at {endpoint}/{repo_id}, then export {token_env}=<a token with "

@@ -215,7 +215,9 @@ class HubStore:
         with self._lock():
             tokens = self.accepted_tokens()
             if token not in tokens:
-                write_atomic(self.root / "tokens.json", _canonical(sorted(tokens | {token})))
+                write_atomic(
+                    self.root / "tokens.json", _canonical(sorted(tokens | {token})), mode=0o600
+                )
 
     # --- repositories ----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from gantry.adapters.mlflow_registry import (
     is_sqlite,
     store_state,
 )
-from gantry.proc import redact_text
+from gantry.proc import SECRET_NAME, redact_text
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec
 from gantry.stages.build import BuildResult
@@ -53,7 +53,6 @@ log = logging.getLogger("gantry.register")
 
 REDACTED = "[REDACTED]"
 #: Spec keys whose values are never logged, whatever they hold.
-_SECRET_KEY = re.compile(r"token|password|passwd|secret|credential|api_?key", re.I)
 #: MLflow's limits on param/metric keys and param values (mlflow.utils.validation).
 _MAX_KEY = 250
 _MAX_PARAM_VALUE = 6000
@@ -138,7 +137,7 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if _SECRET_KEY.search(str(k)):
+        if SECRET_NAME.search(str(k)):
             out[_key(key)] = REDACTED
         elif isinstance(v, Mapping) and v:
             out.update(flatten_params(v, f"{key}."))

@@ -22,7 +22,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -268,20 +270,54 @@ def _write_atomic(path: Path, data: bytes, scratch: Path) -> None:
     os.replace(tmp, path)
 
 
+#: Where any Hub token may go; each token also to the host of $HF_ENDPOINT (the machine's
+#: own configuration, not a spec's) and to the hosts GANTRY_TOKEN_HOSTS lists for it.
+TOKEN_HOSTS = ("huggingface.co",)
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc.lower().rpartition("@")[2]
+
+
+def token_allowed(
+    source: HubSource, endpoint: str, token_hosts: Mapping[str, Sequence[str]]
+) -> bool:
+    """Whether the token of ``source`` may be sent to ``endpoint``: a spec names where its
+    weights come from, not where the machine's credentials go."""
+    name = f"secret:{source.token_secret}" if source.token_secret else source.token_env
+    allowed = {*TOKEN_HOSTS, *(h.lower() for h in token_hosts.get(name, ()))}
+    if env_endpoint := os.environ.get("HF_ENDPOINT"):
+        allowed.add(_host(env_endpoint))
+    return _host(endpoint) in allowed
+
+
 def run(
     source: HubSource,
     store: WeightStore,
     *,
     token: str | None = None,
     client: HubClient | None = None,
+    token_hosts: Mapping[str, Sequence[str]] | None = None,
 ) -> WeightsResult:
     """Resolve, download (what is not cached), verify and snapshot the weights.
 
     A cached snapshot is re-hashed against its manifest on every use, so a file changed
-    on disk fails here, naming it and both digests.
+    on disk fails here, naming it and both digests. ``token`` is sent only to the hosts
+    :func:`token_allowed` names.
     """
     store.ensure_dirs()
     endpoint = source.resolved_endpoint()
+    withheld = False
+    if token and not token_allowed(source, endpoint, token_hosts or {}):
+        log.warning(
+            "not sending the token from %s to %s: that host is not one it is meant for "
+            "(huggingface.co, $HF_ENDPOINT's, or GANTRY_TOKEN_HOSTS)",
+            f"Prefect Secret {source.token_secret}"
+            if source.token_secret
+            else f"${source.token_env}",
+            _host(endpoint),
+        )
+        token, withheld = None, True
     hub = client or HubClient(
         endpoint, token=token, token_env=source.token_env, timeout_s=source.timeout_s
     )
@@ -291,7 +327,9 @@ def run(
         snap_dir, m = _cached(store, source, source.revision)
         if m is not None:
             if m.gated and not token:
-                raise gated_without_token(source.repo_id, endpoint, source.token_env)
+                raise gated_without_token(
+                    source.repo_id, endpoint, source.token_env, withheld=withheld
+                )
             return _from_cache(source, source.revision, endpoint, snap_dir, m)
 
     log.info("resolving %s@%s on %s", source.repo_id, source.revision, endpoint)
@@ -312,7 +350,7 @@ def run(
     # Like the Hub, gated repositories list their files to anyone but serve them only with
     # a token: a copy cached by someone who had one is not served to someone who has none.
     if snap.gated and not token:
-        raise gated_without_token(source.repo_id, endpoint, source.token_env)
+        raise gated_without_token(source.repo_id, endpoint, source.token_env, withheld=withheld)
     snap_dir, m = _cached(store, source, snap.commit)
     if m is not None:
         _check_manifest_matches_hub(m, snap, snap_dir)

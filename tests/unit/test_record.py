@@ -176,3 +176,50 @@ def test_register_is_reused_only_while_the_store_is_as_the_last_success_left_it(
     run(None)  # a store with no fingerprint (a server) is always asked
     run(None)
     assert len(calls) == 5
+
+
+def test_records_are_private_and_hold_no_secret(tmp_path: Path) -> None:
+    """0600 records in 0700 directories (history too); a secret that got into a spec
+    around its validation is redacted as MLflow's params redact it."""
+    from gantry.proc import REDACTED
+    from gantry.record import stored_spec, write_failed_record
+
+    releases = tmp_path / "releases"
+    rec = Recorder(releases, SPEC, flow_run_id=None)
+    Recorder(releases, SPEC, flow_run_id=None)  # the first run's record goes to history/
+    (archived,) = (releases / "history").iterdir()
+    for path in (rec.path, archived):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    for d in (releases, releases / "history"):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    failed = write_failed_record(tmp_path / "other", SPEC, RuntimeError("x"))
+    assert failed.stat().st_mode & 0o777 == 0o600
+
+    # Built around the validation (model_copy does not validate), as a bug or a plugin might.
+    runtime = SPEC.runtime.model_copy(update={"env": {"HF_TOKEN": "hf_" + "a" * 30, "MODE": "x"}})
+    mlflow = SPEC.mlflow.model_copy(update={"tracking_uri": "https://tok3n@mlflow.example/"})
+    leaky = SPEC.model_copy(update={"runtime": runtime, "mlflow": mlflow})
+    stored = stored_spec(leaky)
+    assert stored["runtime"]["env"] == {"HF_TOKEN": REDACTED, "MODE": "x"}
+    assert stored["mlflow"]["tracking_uri"] == f"https://{REDACTED}@mlflow.example/"
+    assert "tok3n" not in json.dumps(stored) and "hf_aaa" not in json.dumps(stored)
+    assert stored_spec(SPEC) == SPEC.model_dump(mode="json")  # a valid spec is unchanged
+
+
+def test_a_result_that_expired_since_is_not_reused(tmp_path: Path) -> None:
+    """Same inputs, but what the result was decided on has changed (an allowlist entry
+    expired, the DB aged): the stage runs again."""
+    calls: list[int] = []
+
+    def stage() -> Out:
+        calls.append(1)
+        return Out(value=len(calls))
+
+    Recorder(tmp_path, SPEC, flow_run_id=None).run_stage("scan", stage, reuse=(Out, "a"))
+    rec = Recorder(tmp_path, SPEC, flow_run_id=None)
+    fresh = rec.run_stage("scan", stage, reuse=(Out, "a"), stale=lambda r: None)
+    assert fresh.value == 1 and len(calls) == 1
+    rec = Recorder(tmp_path, SPEC, flow_run_id=None)
+    again = rec.run_stage("scan", stage, reuse=(Out, "a"), stale=lambda r: "it expired")
+    assert again.value == 2 and not load_record(rec.path).stages["scan"].cached
+    assert rec.last_result("scan", Out) == Out(value=1)  # the record on disk is the last run's
