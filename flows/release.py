@@ -11,6 +11,8 @@ from prefect.runtime import flow_run
 from gantry.record import Recorder, ReleaseRecord, one_run_at_a_time
 from gantry.settings import Settings, get_settings
 from gantry.spec import ReleaseSpec, RetryPolicy
+from gantry.stages import evaluate as evaluate_stage
+from gantry.stages import scan as scan_stage
 from gantry.stages.evaluate import EvalResult
 from gantry.stages.register import RegisterResult, tracking_store_state
 from gantry.stages.scan import ScanResult
@@ -58,7 +60,10 @@ def _stages(
     )
     build = rec.run_stage("build", lambda: run(build_task, policy)(spec, weights))
     scan = rec.run_stage(
-        "scan", lambda: run(scan_task, policy)(spec, build), reuse=(ScanResult, build.digest)
+        "scan",
+        lambda: run(scan_task, policy)(spec, build),
+        reuse=(ScanResult, build.digest),
+        stale=lambda earlier: scan_stage.stale_because(earlier, spec.scan),
     )
     sign = rec.run_stage("sign", lambda: run(sign_task, policy)(spec, build, scan, weights))
     # What smoke and evaluate consume: the image, the weights and their signatures.
@@ -70,16 +75,23 @@ def _stages(
         lambda: run(smoke_task, policy)(spec, build, weights, sign),
         reuse=(SmokeResult, served),
     )
+    # A local tracking store untouched since this release last succeeded holds its
+    # version, with the `champion` alias on it: the stages below need not open it (MLflow's
+    # import and store are most of a re-run). Any write since (another release, a
+    # rollback, a re-evaluation tag) changes the fingerprint, and they ask the store.
+    unchanged = rec.store_unchanged(tracking_store_state(spec, settings))
+    eval_key = evaluate_stage.reuse_key(
+        spec,
+        settings,
+        served,
+        earlier=rec.last_result("evaluate", EvalResult),
+        store_unchanged=unchanged,
+    )
     evaluation = rec.run_stage(
         "evaluate",
         lambda: run(evaluate_task, policy)(spec, build, weights, sign),
-        reuse=(EvalResult, served),
+        reuse=(EvalResult, eval_key) if eval_key else None,
     )
-    # A local tracking store untouched since this release last succeeded holds its
-    # version, with the `champion` alias on it: neither stage below need open it (MLflow's
-    # import and store are most of a re-run). Any write since (another release, a
-    # rollback, a re-evaluation tag) changes the fingerprint, and both ask the store.
-    unchanged = rec.store_unchanged(tracking_store_state(spec, settings))
     registered = rec.run_stage(
         "register",
         lambda: run(register_task, policy)(spec, weights, build, scan, sign, evaluation, smoke),

@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gantry.errors import SpecError
+from gantry.proc import SECRET_NAME, has_url_credentials
 
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -63,6 +71,12 @@ class HubSource(_Frozen):
         title="Hub endpoint",
         description="Base URL of the Hub API. Empty: $HF_ENDPOINT, else https://huggingface.co.",
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_endpoint_credentials(cls, v: str | None) -> str | None:
+        return _no_url_credentials(v, "the token comes from source.token_env or token_secret")
+
     allow_patterns: tuple[str, ...] = Field(
         default=DEFAULT_ALLOW_PATTERNS,
         title="Files to download",
@@ -198,6 +212,19 @@ class RuntimeOptions(_Frozen):
 
     @field_validator("env")
     @classmethod
+    def _no_secret_env(cls, v: dict[str, str]) -> dict[str, str]:
+        # A spec travels in clear: Prefect's run parameters, release records, MLflow params.
+        secret = sorted(k for k in v if SECRET_NAME.search(k))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} look(s) like a secret, and runtime.env is stored in clear "
+                "(release records, MLflow, the Prefect run's parameters): keep secrets out of "
+                "the spec; the runtime reads only non-secret settings from it"
+            )
+        return v
+
+    @field_validator("env")
+    @classmethod
     def _no_gpu_env(cls, v: dict[str, str]) -> dict[str, str]:
         if "GPU_MEMORY_UTILIZATION" in v:
             raise ValueError(
@@ -289,6 +316,15 @@ class ScanOptions(_Frozen):
         title="Allow scanning without a vulnerability DB",
         description="When the vulnerability DB cannot be obtained, go on without checking "
         "vulnerabilities (the record and the run say so prominently) instead of failing.",
+    )
+    max_db_age_hours: float = Field(
+        default=72,
+        gt=0,
+        le=24 * 365,
+        title="Oldest vulnerability DB",
+        description="A DB built longer ago than this does not count: it misses what was "
+        "published since (the scan then fails closed, unless allow_offline). A re-used scan "
+        "result expires with its DB, and when an allowlist entry it relied on expires.",
     )
     db_repository: str | None = Field(
         default=None,
@@ -436,6 +472,14 @@ class RegisterOptions(_Frozen):
         title="MLflow tracking URI",
         description="Empty: $MLFLOW_TRACKING_URI, else SQLite under the state dir.",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_tracking_credentials(cls, v: str | None) -> str | None:
+        return _no_url_credentials(
+            v, "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or _TOKEN) instead"
+        )
+
     model_name: str | None = Field(
         default=None,
         title="Registered model",
@@ -551,6 +595,21 @@ class CanaryOptions(_Frozen):
         title="Quality tolerance",
         description="How far below the champion's probe score the candidate's may be.",
     )
+    inconclusive_retries: int = Field(
+        default=1,
+        ge=0,
+        le=5,
+        title="Retries of an inconclusive window",
+        description="A window that ends without the data a check needs (the champion's "
+        "quality probe failed, no champion latency samples) is run again this many times; "
+        "still inconclusive, the candidate is rolled back. Missing data never passes.",
+    )
+    skip_analysis: bool = Field(
+        default=False,
+        title="Skip the analysis",
+        description="Needed for steps: [100], which sends all traffic to the candidate with "
+        "no analysis window; the release record says the analysis was skipped.",
+    )
     manual_approval: bool = Field(
         default=False,
         title="Manual approval",
@@ -598,6 +657,15 @@ class CanaryOptions(_Frozen):
         if v[-1] != 100:
             raise ValueError(f"the last step must be 100 (promotion), got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _analysis(self) -> CanaryOptions:
+        if self.steps == (100,) and not self.skip_analysis:
+            raise ValueError(
+                "steps: [100] sends all traffic to the candidate with no analysis window; "
+                "say so with skip_analysis: true, or add a step below 100 (e.g. [10, 100])"
+            )
+        return self
 
 
 class RetryPolicy(_Frozen):
@@ -703,6 +771,15 @@ class ReleaseSpec(_Frozen):
         """Stable id of this release: the same spec always has the same id, so a re-run
         resumes it instead of starting another."""
         return f"{self.name}-{self.digest()[:12]}"
+
+
+def _no_url_credentials(v: str | None, fix: str) -> str | None:
+    if v is not None and has_url_credentials(v):
+        raise ValueError(
+            f"holds credentials in the URL, which a spec would store in clear (release "
+            f"records, MLflow, Prefect): remove them; {fix}"
+        )
+    return v
 
 
 def _format_validation_error(exc: ValidationError, origin: str) -> str:

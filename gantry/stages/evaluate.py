@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import gantry
 from gantry import scoring
 from gantry.atomicfile import write_atomic
-from gantry.errors import ConfigError, QualityGateError
+from gantry.errors import ConfigError, GantryError, QualityGateError
 from gantry.settings import Settings
 from gantry.spec import Protocol, ReleaseSpec
 from gantry.stages.build import BuildResult
@@ -279,6 +279,39 @@ def measure(
     )
     log.info("evaluate: %s; p95 %.1f ms over %d requests", verdict.message, lat[1], result.requests)
     return result
+
+
+def reuse_key(
+    spec: ReleaseSpec,
+    settings: Settings,
+    served: str,
+    *,
+    earlier: EvalResult | None,
+    store_unchanged: bool,
+) -> str | None:
+    """What an earlier evaluation must have been measured on to be re-used: the served
+    image and weights, the eval set's content and the champion's score now (a new champion
+    or an edited eval set makes the old verdict say nothing). None when the champion's
+    score cannot be read now (the stage then runs, and meets that error itself).
+
+    With the tracking store unchanged since this release last succeeded, the champion is
+    the one ``earlier`` was compared with, so MLflow is not opened.
+    """
+    if spec.evaluate.dataset is None:
+        return f"{served} eval-set:none"
+    path = resolve_dataset(spec.evaluate.dataset)
+    if not path.is_file():
+        return None
+    sha = scoring.file_sha256(path)
+    if store_unchanged and earlier is not None:
+        champion = earlier.champion_score
+    else:
+        try:
+            champion = _champion_score(spec, mlflow_champion_metrics(spec, settings))
+        except GantryError as exc:
+            log.info("evaluate: the champion's score cannot be read now (%s)", exc.message)
+            return None
+    return f"{served} eval-set:{sha} champion:{'none' if champion is None else repr(champion)}"
 
 
 def mlflow_champion_metrics(spec: ReleaseSpec, settings: Settings) -> ChampionMetrics:

@@ -266,7 +266,7 @@ def test_stale_db_is_used_with_a_warning_when_it_cannot_be_updated(
     image: str, no_mirror: str, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    old = datetime.now(UTC) - timedelta(days=3)
+    old = datetime.now(UTC) - timedelta(days=2)  # within scan.max_db_age_hours (72)
     build_db(cache, fixture=False, updated_at=old)
     result = scan_stage.run(
         image, RUNTIME_DOCKERFILE, ScanOptions(db_repository=no_mirror), tmp_path, cache
@@ -275,6 +275,26 @@ def test_stale_db_is_used_with_a_warning_when_it_cannot_be_updated(
     assert result.db_updated_at is not None and result.db_updated_at < old + timedelta(seconds=1)
     assert any("could not be updated" in w for w in result.warnings)
     assert _ids(result.blocking) == [CRITICAL_FIXED.id]
+
+
+def test_a_db_older_than_max_db_age_hours_does_not_count(
+    image: str, no_mirror: str, tmp_path: Path
+) -> None:
+    """Too old to know what was published since: the scan fails closed (or, allowed to go
+    on offline, says it checked nothing) rather than pass on it."""
+    from gantry.errors import VulnDBUnavailableError
+
+    cache = tmp_path / "cache"
+    build_db(cache, fixture=False, updated_at=datetime.now(UTC) - timedelta(hours=30))
+    options = ScanOptions(db_repository=no_mirror, max_db_age_hours=24)
+    with pytest.raises(VulnDBUnavailableError, match="built 30 h ago"):
+        scan_stage.run(image, RUNTIME_DOCKERFILE, options, tmp_path, cache)
+    offline = options.model_copy(update={"allow_offline": True})
+    result = scan_stage.run(image, RUNTIME_DOCKERFILE, offline, tmp_path, cache)
+    assert not result.vulnerabilities_checked and result.db_status == "unavailable"
+    # The same DB within the limit is used, with the warning that it could not be updated.
+    within = options.model_copy(update={"max_db_age_hours": 48})
+    assert scan_stage.run(image, RUNTIME_DOCKERFILE, within, tmp_path, cache).db_status == "cached"
 
 
 def test_scan_task_artifacts_and_paths(
@@ -347,3 +367,24 @@ def test_scan_task_artifacts_and_paths(
     assert (out / "sbom.cdx.json").is_file() and (out / "gate.json").is_file()
     assert (cache_root / "trivy" / "fanal").is_dir()  # trivy's cache went where it should
     shutil.rmtree(out)
+
+
+def test_a_fixture_db_is_never_trusted_outside_the_test_suite(
+    image: str, no_mirror: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DB tests/trivydb.py builds (planted findings) outside Gantry's suite: set aside,
+    so with no real DB to download the scan fails closed rather than pass on it."""
+    from gantry.errors import VulnDBUnavailableError
+    from gantry.stages.scan import TRUST_FIXTURE_DB_ENV
+
+    cache = tmp_path / "cache"
+    build_db(cache)  # its own copy: the download try must not touch the shared one
+    monkeypatch.delenv(TRUST_FIXTURE_DB_ENV)
+    with pytest.raises(VulnDBUnavailableError):
+        scan_stage.run(
+            image, RUNTIME_DOCKERFILE, ScanOptions(db_repository=no_mirror), tmp_path, cache
+        )
+    offline = ScanOptions(db_repository=no_mirror, allow_offline=True)
+    result = scan_stage.run(image, RUNTIME_DOCKERFILE, offline, tmp_path, cache)
+    assert not result.vulnerabilities_checked and result.db_status == "unavailable"
+    assert any("never used outside Gantry's tests" in w for w in result.warnings)

@@ -24,9 +24,12 @@ from gantry.spec import CanaryOptions, parse_spec
 from gantry.stages.canary.analysis import (
     Quality,
     SlotWindow,
+    StepVerdict,
     WindowObservations,
     analysed_steps,
+    describe_failure,
     failed,
+    inconclusive,
     judge,
     next_weight,
     probes_wanted,
@@ -43,6 +46,7 @@ from gantry.stages.canary.state import (
 pytestmark = pytest.mark.unit
 
 OPTS = CanaryOptions(min_requests=10, max_error_rate=0.1, max_latency_ratio=1.5)
+T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
 def _win(n: int, fail: int = 0, ms: float = 10.0) -> SlotWindow:
@@ -170,6 +174,38 @@ def test_quality_below_the_champion_fails_at_once() -> None:
     assert "0.550 vs champion 1.000" in checks["quality"].detail
 
 
+def test_missing_champion_data_is_inconclusive_never_a_pass() -> None:
+    """A champion that could not be scored, or served no request, leaves nothing to compare
+    the candidate with: the window cannot pass on it."""
+    q = Quality(metric="top1", items=20, candidate=0.99, champion=None)
+    obs = WindowObservations(candidate=_win(100), champion=_win(100), quality=q)
+    checks = {c.name: c for c in judge(obs, OPTS, final=True)}
+    assert checks["quality"].passed is None and checks["quality"].inconclusive
+    assert inconclusive(tuple(checks.values())) == ("quality",)
+    no_champion = WindowObservations(candidate=_win(100), champion=_win(0))
+    latency = {c.name: c for c in judge(no_champion, OPTS, final=True)}
+    assert latency["latency-p95"].passed is None and latency["latency-p95"].inconclusive
+    assert not latency["success-rate"].inconclusive  # the candidate's own rate is known
+    # Not yet final: nothing is inconclusive until the window has had its chance.
+    early = judge(no_champion, OPTS, final=False)
+    assert not [c for c in early if c.name.startswith("latency") and c.inconclusive]
+    # A verdict with an inconclusive check names it among the failed ones.
+    v = StepVerdict(
+        step=0, weight=10, started_at=T0, finished_at=T0, passed=False,
+        checks=tuple(checks.values()), candidate_requests=100, champion_requests=100,
+        synthetic_requests=0,
+    )  # fmt: skip
+    assert "quality" in v.failed_checks and "(inconclusive)" in describe_failure(v.checks)
+
+
+def test_steps_of_only_100_need_skip_analysis() -> None:
+    spec = {"name": "m", "source": {"repo_id": "o/r"}, "canary": {"steps": [100]}}
+    with pytest.raises(SpecError, match="skip_analysis"):
+        parse_spec(spec)
+    spec["canary"] = {"steps": [100], "skip_analysis": True}
+    assert parse_spec(spec).canary.steps == (100,)
+
+
 def test_a_crashed_candidate_fails_at_once() -> None:
     obs = WindowObservations(candidate=_win(0), champion=_win(5), candidate_down="exited (137)")
     assert failed(judge(obs, OPTS, final=False)) == ("health",)
@@ -189,19 +225,45 @@ def test_status_transitions_record_the_decision() -> None:
 # --- router config, runtime API, access log ------------------------------------------------
 
 
+TOKEN = "ab" * 32
+
+
 def test_router_config_routes_by_weight_and_probe_header() -> None:
     text = render_config(
-        RouterConfig(deployment="gantry-m-1", runtime_port=8080, weights={Slot.A: 90, Slot.B: 10})
+        RouterConfig(
+            deployment="gantry-m-1",
+            runtime_port=8080,
+            probe_token=TOKEN,
+            weights={Slot.A: 90, Slot.B: 10},
+        )
     )
     assert "server a gantry-m-1-a:8080 weight 90" in text
     assert "server b gantry-m-1-b:8080 weight 10" in text
     assert "use-server b if { req.hdr(x-gantry-route) -m str b }" in text
-    assert "stats socket ipv4@0.0.0.0:9999 level admin" in text
+    # The runtime API is on a unix socket only, never on the network the servers share.
+    assert "stats socket /run/gantry/admin.sock mode 666 level admin" in text
+    assert "ipv4@" not in text and ":9999" not in text
+    # Route and probe headers count only with the token, which never reaches a server; the
+    # headers are removed before the probe kind is captured for the access log.
+    lines = [ln.strip() for ln in text.splitlines()]
+    acl = f"acl gantry_probe req.hdr(x-gantry-probe-token) -m str {TOKEN}"
+    strip = [
+        "http-request del-header x-gantry-route unless gantry_probe",
+        "http-request del-header x-gantry-probe unless gantry_probe",
+        "http-request del-header x-gantry-probe-token",
+    ]
+    capture = "http-request capture req.hdr(x-gantry-probe) len 16"
+    at = [lines.index(x) for x in (acl, *strip, capture)]
+    assert at == sorted(at)
     assert "http-check send meth GET uri /health" in text
     assert "retry-on conn-failure empty-response" in text
     assert "option redispatch" in text
     with pytest.raises(ValueError, match="0-100"):
-        render_config(RouterConfig(deployment="d", runtime_port=1, weights={Slot.A: 300}))
+        render_config(
+            RouterConfig(deployment="d", runtime_port=1, probe_token=TOKEN, weights={Slot.A: 300})
+        )
+    with pytest.raises(ValueError, match="probe_token"):
+        RouterConfig(deployment="d", runtime_port=1, probe_token="x; acl all always_true")
 
 
 SHOW_STAT = (

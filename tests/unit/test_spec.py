@@ -37,6 +37,17 @@ def test_defaults_and_release_id_is_stable() -> None:
         ),
         ({**GOOD, "source": {**SOURCE, "endpoint": "ftp://x"}}, "source.endpoint:"),
         ({**GOOD, "retries": {"attempts": 99}}, "retries.attempts:"),
+        # Secrets have no place in a spec: it is stored in clear (records, MLflow, Prefect).
+        ({**GOOD, "runtime": {"env": {"HF_TOKEN": "hf_x"}}}, "runtime.env: Value error, HF_TOKEN"),
+        ({**GOOD, "runtime": {"env": {"db_password": "x"}}}, "runtime.env: Value error, db_pass"),
+        (
+            {**GOOD, "source": {**SOURCE, "endpoint": "https://hf_tok@hub.example"}},
+            "source.endpoint: Value error, holds credentials",
+        ),
+        (
+            {**GOOD, "mlflow": {"tracking_uri": "https://u:p@mlflow.example"}},
+            "MLFLOW_TRACKING_PASSWORD",
+        ),
         ({"source": GOOD["source"]}, "name: Field required"),
     ],
 )

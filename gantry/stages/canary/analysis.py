@@ -49,6 +49,11 @@ class CheckResult(BaseModel):
     observed: float | None = None
     limit: float | None = None
     detail: str = ""
+    inconclusive: bool = Field(
+        default=False,
+        description="The data the check needs is missing (the champion could not be "
+        "measured): never a pass. A window that ends so is run again, then fails.",
+    )
 
 
 class StepVerdict(BaseModel):
@@ -68,7 +73,8 @@ class StepVerdict(BaseModel):
 
     @property
     def failed_checks(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.checks if c.passed is False)
+        """Checks that failed, and those left inconclusive (no data is no pass)."""
+        return tuple(c.name for c in self.checks if c.passed is False or c.inconclusive)
 
 
 def next_weight(steps: Sequence[int], step: int) -> int | None:
@@ -102,7 +108,7 @@ class Quality(BaseModel):
     metric: str
     items: int
     candidate: float
-    champion: float
+    champion: float | None = Field(description="None: the champion could not be scored.")
 
 
 class WindowObservations(BaseModel):
@@ -173,7 +179,8 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
         elif c_ms is None:
             ok = False
         else:
-            ok = limit is None or c_ms <= limit
+            # No champion latency to compare with is no comparison: not a pass.
+            ok = None if limit is None else c_ms <= limit
         base = "no champion requests" if base_ms is None else f"champion {base_ms:.0f} ms"
         checks.append(
             CheckResult(
@@ -182,12 +189,24 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
                 observed=None if c_ms is None else round(c_ms, 1),
                 limit=None if limit is None else round(limit, 1),
                 detail=f"candidate {'-' if c_ms is None else f'{c_ms:.0f} ms'} vs {base}",
+                inconclusive=final and c_ms is not None and limit is None,
             )
         )
 
-    if obs.quality is not None:
+    if obs.quality is not None and obs.quality.champion is None:
+        checks.append(
+            CheckResult(
+                name="quality",
+                passed=None,
+                observed=round(obs.quality.candidate, 4),
+                detail=f"{obs.quality.metric}: the champion could not be scored, so there is "
+                "nothing to compare the candidate with",
+                inconclusive=True,
+            )
+        )
+    elif obs.quality is not None and (champ_score := obs.quality.champion) is not None:
         qual = obs.quality
-        floor = qual.champion - opts.quality_tolerance
+        floor = champ_score - opts.quality_tolerance
         checks.append(
             CheckResult(
                 name="quality",
@@ -195,7 +214,7 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
                 observed=round(qual.candidate, 4),
                 limit=round(floor, 4),
                 detail=f"{qual.metric} on {qual.items} eval items: candidate "
-                f"{qual.candidate:.3f} vs champion {qual.champion:.3f}",
+                f"{qual.candidate:.3f} vs champion {champ_score:.3f}",
             )
         )
     return tuple(checks)
@@ -205,8 +224,16 @@ def failed(checks: Sequence[CheckResult]) -> tuple[str, ...]:
     return tuple(c.name for c in checks if c.passed is False)
 
 
+def inconclusive(checks: Sequence[CheckResult]) -> tuple[str, ...]:
+    return tuple(c.name for c in checks if c.inconclusive)
+
+
 def describe_failure(checks: Sequence[CheckResult]) -> str:
-    return "; ".join(f"{c.name}: {c.detail}" for c in checks if c.passed is False)
+    return "; ".join(
+        f"{c.name}: {c.detail}" + (" (inconclusive)" if c.inconclusive else "")
+        for c in checks
+        if c.passed is False or c.inconclusive
+    )
 
 
 # --- the window -------------------------------------------------------------------
@@ -271,7 +298,29 @@ def analyse_step(
     weight: int,
 ) -> StepVerdict:
     """One analysis window at ``weight``: returns as soon as a check fails, else at the
-    window's end with the final judgement."""
+    window's end with the final judgement. A window that ends inconclusive (data a check
+    needs is missing) is run again ``opts.inconclusive_retries`` times, then fails."""
+    for attempt in range(opts.inconclusive_retries + 1):
+        verdict = _window(target, prober, opts, cand, champ, step, weight)
+        missing = [c.name for c in verdict.checks if c.inconclusive]
+        if verdict.passed or not missing or failed(verdict.checks):
+            return verdict
+        if attempt < opts.inconclusive_retries:
+            log.warning(
+                "step %d window inconclusive (%s): running it again", step + 1, ", ".join(missing)
+            )
+    return verdict
+
+
+def _window(
+    target: Target,
+    prober: Prober,
+    opts: CanaryOptions,
+    cand: Slot,
+    champ: Slot,
+    step: int,
+    weight: int,
+) -> StepVerdict:
     started, t0 = _now(), time.monotonic()
     # Quality first, inside the window: its eval-set batches would queue the small
     # requests behind them and skew the latency comparison, so the traffic checks observe
@@ -321,7 +370,7 @@ def analyse_step(
                     weight=weight,
                     started_at=started,
                     finished_at=_now(),
-                    passed=not failed(checks),
+                    passed=not failed(checks) and not (final and inconclusive(checks)),
                     checks=checks,
                     candidate_requests=obs.candidate.requests,
                     champion_requests=obs.champion.requests,

@@ -71,6 +71,10 @@ class CanaryResult(BaseModel):
     endpoint: str = Field(description="The model's URL (the router), on 127.0.0.1.")
     slot: str
     verdicts: tuple[StepVerdict, ...] = ()
+    analysis_skipped: bool = Field(
+        default=False,
+        description="canary.skip_analysis with steps [100]: promoted with no analysis window.",
+    )
     cold_start_s: float | None = None
     analysis_s: float = Field(description="Time spent in analysis windows.")
     total_s: float
@@ -240,7 +244,7 @@ def run(
         launch = launch_for(spec, build, weights, gpus, version)
         try:
             dep.handle(m.Begin(cand, champion, opts.steps, launch, spec.smoke.deadline_s))
-            prober = Prober(spec, dep.target.endpoint, dataset)
+            prober = Prober(spec, dep.target.endpoint, dataset, dep.target.probe_headers)
             try:
                 if champion is None:
                     _first_deploy_probe(prober, slot)
@@ -269,6 +273,7 @@ def run(
         endpoint=dep.target.endpoint,
         slot=slot.value,
         verdicts=verdicts,
+        analysis_skipped=champion is not None and not analysed_steps(spec.canary.steps),
         cold_start_s=cold,
         analysis_s=round(sum((v.finished_at - v.started_at).total_seconds() for v in verdicts), 3),
         total_s=round(time.monotonic() - t0, 3),

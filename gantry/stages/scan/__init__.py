@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -33,6 +34,9 @@ log = logging.getLogger("gantry.scan")
 
 #: Upper bound of the one DB download attempt (the full DB is ~70 MB compressed).
 DB_DOWNLOAD_TIMEOUT_S = 300.0
+#: Set by Gantry's own test suite only: a DB made by tests/trivydb.py is trusted there and
+#: nowhere else (its planted findings say nothing about a real image).
+TRUST_FIXTURE_DB_ENV = "GANTRY_TRUST_FIXTURE_DB"
 DBStatus = Literal["fresh", "cached", "unavailable", "fixture"]
 
 REPORT_NAME = "vulnerabilities.json"
@@ -116,8 +120,15 @@ def obtain_db(
     now = now or datetime.now(UTC)
     cached = trivy.read_db_info(scanner.cache_dir)
     if cached is not None and cached.fixture:
-        _warn(warnings, f"the vulnerability DB is a test fixture: {cached.fixture}")
-        return "fixture", cached
+        if fixture_trusted():
+            _warn(warnings, f"the vulnerability DB is a test fixture: {cached.fixture}")
+            return "fixture", cached
+        _warn(
+            warnings,
+            f"the cached vulnerability DB is a test fixture ({cached.fixture}); it is never "
+            "used outside Gantry's tests",
+        )
+        cached = None
     if cached is not None and cached.is_current(now):
         return "cached", cached
     try:
@@ -132,6 +143,13 @@ def obtain_db(
         )
         return "fresh", info
     except VulnDBUnavailableError as exc:
+        if cached is not None and (age := db_age_hours(cached, now)) > options.max_db_age_hours:
+            exc = VulnDBUnavailableError(
+                f"the cached DB was built {age:.0f} h ago, more than scan.max_db_age_hours="
+                f"{options.max_db_age_hours:g}; and no newer one could be downloaded: "
+                f"{exc.message.splitlines()[0][:300]}"
+            )
+            cached = None
         if cached is not None:
             _warn(
                 warnings,
@@ -155,6 +173,41 @@ def obtain_db(
             ) from None
         _unchecked(warnings, exc.message)
         return "unavailable", None
+
+
+def fixture_trusted() -> bool:
+    return os.environ.get(TRUST_FIXTURE_DB_ENV) == "1"
+
+
+def db_age_hours(db: trivy.DBInfo, now: datetime) -> float:
+    """How long ago the DB's data was built (unknown: infinitely old)."""
+    if db.updated_at is None:
+        return float("inf")
+    return (now - db.updated_at).total_seconds() / 3600
+
+
+def stale_because(
+    result: ScanResult, options: ScanOptions, now: datetime | None = None
+) -> str | None:
+    """Why an earlier scan of the same image may not be re-used now, or None.
+
+    The gate decided against that day's date and that DB: an allowlist entry it relied on
+    may have expired since, the DB may have grown too old, and a test fixture DB counts
+    only in tests.
+    """
+    now = now or datetime.now(UTC)
+    expired = [e.id for e in result.allowlist_used if e.expires < now.date()]
+    if expired:
+        return f"allowlist entries it relied on have expired ({', '.join(expired)})"
+    if result.db_status == "fixture" and not fixture_trusted():
+        return "it was judged with a test fixture DB"
+    if result.vulnerabilities_checked:
+        if result.db_updated_at is None:
+            return "its vulnerability DB's age is unknown"
+        age = (now - result.db_updated_at).total_seconds() / 3600
+        if age > options.max_db_age_hours:
+            return f"its vulnerability DB was built {age:.0f} h ago (scan.max_db_age_hours)"
+    return None
 
 
 def scan_image(
