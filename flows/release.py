@@ -103,7 +103,13 @@ def _stages(
     rec.run_stage(
         "canary",
         lambda: run(canary_task, policy)(
-            spec, build, weights, sign, registered, known_champion=unchanged
+            spec,
+            build,
+            weights,
+            sign,
+            registered,
+            known_champion=unchanged,
+            record=str(rec.run_path),
         ),
     )
     return rec.succeed(tracking_store_state=tracking_store_state(spec, settings))

@@ -2,7 +2,10 @@
 
 Written atomically after every stage, so a run killed at any point leaves a record that
 says how far it got. ``<state dir>/releases/<release-id>.json`` holds the latest run of a
-release; earlier runs of the same release are kept under ``releases/history/``.
+release; each run also has its own file under ``releases/history/`` (``run_record``), left
+unchanged once the run ends. What a deployment runs points at that file, so a later run of
+the same spec that fails cannot take away what `gantry rollback`, re-evaluation and
+`gantry verify` need of the version that serves.
 
 Records are private (0600, in a 0700 directory) and hold no secret: the spec is stored as
 :func:`stored_spec` redacts it, as MLflow's params are (a valid spec holds none anyway).
@@ -82,6 +85,11 @@ class ReleaseRecord(BaseModel):
     gantry_version: str = gantry.__version__
     stages: dict[str, StageRecord]
     error: StageError | None = None
+    run_record: str | None = Field(
+        default=None,
+        description="This run's own record file, unchanged once the run ends (the latest "
+        "record of the release is a copy of it while it is the latest run).",
+    )
     tracking_store_state: str | None = Field(
         default=None,
         description="Fingerprint of a local MLflow store when the release succeeded: a "
@@ -125,8 +133,10 @@ def record_path(releases_dir: Path, release_id: str) -> Path:
 def _error_of(exc: BaseException) -> StageError:
     from gantry.errors import is_transient
 
+    # Notes carry what went wrong while cleaning up after it (a rollback that failed too).
+    message = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
     return StageError(
-        type=type(exc).__name__, message=redact_text(str(exc)), transient=is_transient(exc)
+        type=type(exc).__name__, message=redact_text(message), transient=is_transient(exc)
     )
 
 
@@ -145,18 +155,24 @@ class Recorder:
         )
         private_dir(releases_dir)
         self.previous: ReleaseRecord | None = None
-        self._history = self.path.parent / "history"
+        self._history = private_dir(self.path.parent / "history")
         self._archived: Path | None = None
         if self.path.exists():
             try:
                 self.previous = load_record(self.path)
             except ValueError:
                 log.warning("previous record %s is unreadable; nothing will be reused", self.path)
-            self._archive_previous()
+            own = self.previous.run_record if self.previous else None
+            if own and Path(own).is_file():
+                self._archived = Path(own)  # already kept under its own name
+            else:
+                self._archive_previous()  # a record of an older Gantry, or unreadable
+        stamp = self.record.started_at.strftime("%Y%m%dT%H%M%S.%f")
+        self.run_path = self._history / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json"
+        self.record.run_record = str(self.run_path)
         self.write()
 
     def _archive_previous(self) -> None:
-        private_dir(self._history)
         # Microseconds and a random suffix: two runs in one second must not overwrite.
         stamp = datetime.fromtimestamp(self.path.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S.%f")
         self._archived = self._history / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json"
@@ -168,7 +184,11 @@ class Recorder:
             return  # none, or unreadable: reuse nothing rather than guess
         yield self.previous
         older = sorted(  # the stamp in the name sorts by time
-            (p for p in self._history.glob(f"{self.path.stem}.*.json") if p != self._archived),
+            (
+                p
+                for p in self._history.glob(f"{self.path.stem}.*.json")
+                if p not in (self._archived, self.run_path)
+            ),
             reverse=True,
         )
         for path in older[: MAX_RUNS_LOOKED_BACK - 1]:
@@ -180,7 +200,9 @@ class Recorder:
                 yield rec
 
     def write(self) -> None:
-        write_atomic(self.path, self.record.model_dump_json(indent=2), mode=RECORD_MODE)
+        data = self.record.model_dump_json(indent=2)
+        write_atomic(self.run_path, data, mode=RECORD_MODE)
+        write_atomic(self.path, data, mode=RECORD_MODE)
 
     def _last_ran(self, name: str) -> StageRecord | None:
         """The stage as it last ran in this release's runs. Runs that failed or were
@@ -328,6 +350,27 @@ def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseExceptio
     )
     write_atomic(path, rec.model_dump_json(indent=2), mode=RECORD_MODE)
     return path
+
+
+def serving_record(releases_dir: Path, release_id: str) -> Path:
+    """The record to start ``release_id`` from: its newest run that got through `sign`
+    (build, weights and signatures are what a deployment needs), else the latest record
+    (whose reading then says what is missing)."""
+    latest = record_path(releases_dir, release_id)
+    runs = sorted((releases_dir / "history").glob(f"{latest.stem}.*.json"), reverse=True)
+    for path in (latest, *runs):
+        try:
+            rec = load_record(path)
+        except (OSError, ValueError):
+            continue
+        if rec.release_id == release_id and all(
+            rec.stages.get(s) is not None and rec.stages[s].status == StageStatus.SUCCEEDED
+            for s in ("weights", "build", "sign")
+        ):
+            return (
+                Path(rec.run_record) if rec.run_record and Path(rec.run_record).is_file() else path
+            )
+    return latest
 
 
 def load_record(path: Path) -> ReleaseRecord:

@@ -124,9 +124,10 @@ def canary_task(
     sign: SignResult,
     registered: RegisterResult,
     known_champion: bool = False,
+    record: str | None = None,
 ) -> CanaryResult:
     """Prefect task for stage `canary`: progress artifact, verdict table, events.
-    ``known_champion``: see :func:`gantry.stages.canary.run.run`."""
+    ``known_champion``, ``record``: see :func:`gantry.stages.canary.run.run`."""
     from prefect.artifacts import create_table_artifact
 
     from gantry.settings import get_settings
@@ -143,6 +144,7 @@ def canary_task(
             get_settings(),
             hooks=hooks,
             known_champion=known_champion,
+            record=record,
         )
     except (CanaryFailedError, ApprovalRejectedError) as exc:
         verdicts = last["status"].verdicts if "status" in last else []

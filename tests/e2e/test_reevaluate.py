@@ -177,8 +177,28 @@ def test_a_champion_swapped_for_the_degraded_weights_is_reported_as_regressed(
     assert tags["gantry.reevaluation.last_run_id"] == ok["mlflow_run_id"]
     assert tags["gantry.reevaluation.regressed"] == "false"
 
-    # 2. An endpoint that does not answer: retried, then no verdict; never a regression.
+    # 1b. A re-run of the champion's spec that fails (the hub unreachable): the release's
+    # latest record is now that failure, yet what serves keeps its own run's record, so
+    # verification, re-evaluation and rollback still work.
+    dead_hub = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    rc, out, err = _gantry(dead_hub, "release", str(path))
+    assert rc == 1, err[-3000:]
+    latest = json.loads(Path(out.strip().splitlines()[-1]).read_text())
+    assert latest["stages"]["weights"]["status"] == "failed"
+    assert latest["stages"]["sign"]["status"] == "skipped"
     settings = Settings.from_env(gantry_env.env)
+    served = DeploymentStore(settings.deployments_dir, MODEL).load().champion
+    assert served is not None and served.record != out.strip().splitlines()[-1]
+    rc, _out, err = _gantry(env, "verify", served.record)
+    assert rc == 0, err[-3000:]
+    rc, out, err = _gantry(env, "reevaluate", MODEL)
+    assert rc == 0, err[-3000:]
+    assert json.loads(out)["models"][0]["verdict"] == "passed"
+    rc, out, err = _gantry(env, "rollback", MODEL)
+    assert rc == 0, err[-3000:]
+    assert json.loads(out)["action"] == "nothing-to-do"
+
+    # 2. An endpoint that does not answer: retried, then no verdict; never a regression.
     status = DeploymentStore(settings.deployments_dir, MODEL).load()
     dead = status.model_copy(update={"port": free_port()})
     opts = ReevaluateOptions(models=(MODEL,), endpoint_attempts=2, endpoint_retry_delay_s=0.2)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def test_stage_is_reused_only_for_identical_inputs(tmp_path: Path) -> None:
 
     third = Recorder(tmp_path, SPEC, flow_run_id=None)
     assert third.run_stage("scan", stage, reuse=(Out, "sha256:b")).value == 2  # inputs changed
-    assert len(list((tmp_path / "history").glob("*.json"))) == 2  # earlier records kept
+    # Every run's own record is kept (the third's too: it is the latest).
+    assert len(list((tmp_path / "history").glob("*.json"))) == 3
 
 
 def test_failed_stage_is_not_reused_and_later_stages_are_skipped(tmp_path: Path) -> None:
@@ -186,9 +188,10 @@ def test_records_are_private_and_hold_no_secret(tmp_path: Path) -> None:
 
     releases = tmp_path / "releases"
     rec = Recorder(releases, SPEC, flow_run_id=None)
-    Recorder(releases, SPEC, flow_run_id=None)  # the first run's record goes to history/
-    (archived,) = (releases / "history").iterdir()
-    for path in (rec.path, archived):
+    Recorder(releases, SPEC, flow_run_id=None)  # a second run: both have their own file
+    kept = list((releases / "history").iterdir())
+    assert len(kept) == 2
+    for path in (rec.path, *kept):
         assert path.stat().st_mode & 0o777 == 0o600, path
     for d in (releases, releases / "history"):
         assert d.stat().st_mode & 0o777 == 0o700, d
@@ -223,3 +226,45 @@ def test_a_result_that_expired_since_is_not_reused(tmp_path: Path) -> None:
     again = rec.run_stage("scan", stage, reuse=(Out, "a"), stale=lambda r: "it expired")
     assert again.value == 2 and not load_record(rec.path).stages["scan"].cached
     assert rec.last_result("scan", Out) == Out(value=1)  # the record on disk is the last run's
+
+
+def test_a_failed_rerun_leaves_the_record_a_deployment_runs_from(tmp_path: Path) -> None:
+    """Each run keeps its own record, unchanged once it ends; what a deployment starts a
+    version from is the newest run that got through sign, not a later failed one."""
+    from gantry.record import serving_record
+
+    def ok(name: str) -> Callable[[], Out]:
+        return lambda: Out(value=len(name))
+
+    good = Recorder(tmp_path, SPEC, flow_run_id=None)
+    for stage in ("weights", "build", "scan", "sign"):
+        good.run_stage(stage, ok(stage))
+    good.succeed()
+    own = good.run_path
+    before = own.read_bytes()
+
+    failed = Recorder(tmp_path, SPEC, flow_run_id=None)
+    with pytest.raises(RuntimeError):
+        failed.run_stage("weights", lambda: (_ for _ in ()).throw(RuntimeError("hub down")))
+    latest = load_record(failed.path)
+    assert latest.stages["weights"].status == StageStatus.FAILED  # the latest is the failure
+    assert own.read_bytes() == before  # the good run's own record did not change
+    assert load_record(own).run_record == str(own)
+    assert serving_record(tmp_path, SPEC.release_id) == own
+    # A release that never got through sign: the latest record (reading it names the gap).
+    assert serving_record(tmp_path / "none", "x-1") == tmp_path / "none" / "x-1.json"
+
+
+def test_a_failure_while_cleaning_up_is_recorded_with_the_error(tmp_path: Path) -> None:
+    """`_settle` notes a failed rollback on the canary's error: the record keeps both."""
+    rec = Recorder(tmp_path, SPEC, flow_run_id=None)
+
+    def canary() -> Out:
+        exc = RuntimeError("a check failed")
+        exc.add_note("and settling the canary failed: RouterError: router gone")
+        raise exc
+
+    with pytest.raises(RuntimeError):
+        rec.run_stage("canary", canary)
+    error = load_record(rec.path).stages["canary"].error
+    assert error is not None and "settling the canary failed: RouterError" in error.message

@@ -24,7 +24,7 @@ from gantry.adapters import docker_engine
 from gantry.adapters.mlflow_registry import CHAMPION
 from gantry.deploy.docker import discover
 from gantry.errors import DeploymentNotFoundError, DeploymentStatusUnreadableError
-from gantry.record import record_path
+from gantry.record import serving_record
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec
 from gantry.stages.canary import machine as m
@@ -119,7 +119,7 @@ def rebuild_status(
         Served(
             version=r.version,
             release_id=r.release_id,
-            record=str(record_path(settings.releases_dir, r.release_id)),
+            record=str(serving_record(settings.releases_dir, r.release_id)),
             image=r.image,
             slot=r.slot,
         )

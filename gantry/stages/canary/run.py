@@ -36,7 +36,7 @@ from gantry.errors import (
     ConfigError,
     EvalSetError,
 )
-from gantry.record import record_path
+from gantry.record import serving_record
 from gantry.settings import Settings
 from gantry.spec import DeployTarget, ReleaseSpec
 from gantry.stages.build import BuildResult
@@ -181,12 +181,15 @@ def run(
     hooks: Hooks | None = None,
     client: docker_engine.DockerClient | None = None,
     known_champion: bool = False,
+    record: str | None = None,
 ) -> CanaryResult:
     """Take the registered candidate live (see the module docstring).
 
     ``known_champion``: the caller knows MLflow's `champion` alias is this version (a
     re-run of a succeeded release whose tracking store has not changed since), so the
-    stage only makes sure it serves, without opening the store.
+    stage only makes sure it serves, without opening the store. ``record``: this run's own
+    release record (what the deployment starts the candidate from later); default: the
+    newest run of the release that got through `sign`.
     """
     t0 = time.monotonic()
     hooks = hooks or Hooks()
@@ -237,7 +240,7 @@ def run(
         cand = Served(
             version=version,
             release_id=spec.release_id,
-            record=str(record_path(settings.releases_dir, spec.release_id)),
+            record=record or str(serving_record(settings.releases_dir, spec.release_id)),
             image=build.image,
             slot=slot,
         )
@@ -323,7 +326,7 @@ def _already_champion(
     champ = dep.status.champion
     if champ is None or champ.version != version:
         # MLflow says champion but this deployment never ran it (e.g. a fresh engine).
-        path = record_path(settings.releases_dir, spec.release_id)
+        path = serving_record(settings.releases_dir, spec.release_id)
         rel = release_from_record(path, f"version {version}")
         champ = Served(
             version=version,
@@ -366,7 +369,7 @@ def _live_champion(
         dep.apply((m.EnsureServing(champ, died_is_error=True),))
         return champ
     release_id = alias.tags.get("gantry.release_id", "")
-    path = record_path(settings.releases_dir, release_id)
+    path = serving_record(settings.releases_dir, release_id)
     rel = release_from_record(path, f"champion version {alias.version} of {dep.model}")
     log.warning(
         "champion version %s of %s is not deployed here; starting it first",
