@@ -373,6 +373,30 @@ class SignOptions(_Frozen):
         description="`cosign` binary, Gantry's `builtin` cosign-compatible signer, or `auto` "
         "(cosign when installed, else built-in).",
     )
+    certificate_identity: str | None = Field(
+        default=None,
+        title="Signer identity (keyless)",
+        description="Method `keyless`: the certificate identity signatures must carry (e.g. "
+        "the CI workflow's URI); verification accepts no other.",
+    )
+    certificate_oidc_issuer: str | None = Field(
+        default=None,
+        title="OIDC issuer (keyless)",
+        description="Method `keyless`: the OIDC issuer of that identity.",
+    )
+
+    @model_validator(mode="after")
+    def _method(self) -> SignOptions:
+        if self.method == "kms" and not self.kms_uri:
+            raise ValueError("method kms needs kms_uri (e.g. awskms:///alias/gantry)")
+        if self.method == "keyless" and not (
+            self.certificate_identity and self.certificate_oidc_issuer
+        ):
+            raise ValueError(
+                "method keyless needs certificate_identity and certificate_oidc_issuer: "
+                "without them any Sigstore identity's signature would verify"
+            )
+        return self
 
 
 class SmokeOptions(_Frozen):

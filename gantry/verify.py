@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from gantry.errors import ConfigError, SignatureVerificationError
 from gantry.manifest import WeightsManifest
 from gantry.record import load_record
+from gantry.spec import SignOptions
 
 
 class Verified(BaseModel):
@@ -37,13 +38,16 @@ class Verified(BaseModel):
 def verify_artifacts(
     *,
     image: str,
-    image_public_key: Path,
+    image_public_key: Path | None,
     weights_path: Path,
     manifest_path: Path,
     weights_signature: Path,
     weights_public_key: Path,
+    image_options: SignOptions | None = None,
 ) -> Verified:
-    """Verify an image (by digest) and a weights snapshot against their signatures."""
+    """Verify an image (by digest) and a weights snapshot against their signatures;
+    ``image_options``: how the image was signed (method, KMS key, identity, tlog), which is
+    how it is verified."""
     from gantry.adapters.model_signing import verify_weights
     from gantry.signing.image import verify_image
     from gantry.stages.weights import verify_snapshot
@@ -54,7 +58,7 @@ def verify_artifacts(
             f"{image} is not a reference by digest",
             fix="verify and run images as <repo>@sha256:…, never by tag",
         )
-    verified = verify_image(image, image_public_key)
+    verified = verify_image(image, image_public_key, options=image_options)
     manifest = WeightsManifest.model_validate_json(manifest_path.read_bytes())
     verify_snapshot(weights_path, manifest)
     wv = verify_weights(
@@ -66,7 +70,7 @@ def verify_artifacts(
     return Verified(
         image=image,
         image_signer=verified.signer,
-        image_public_key=str(image_public_key),
+        image_public_key=str(image_public_key or ""),
         weights_path=str(weights_path),
         manifest_digest=manifest.digest,
         weights_signature=str(weights_signature),
@@ -87,11 +91,15 @@ def verify_release(record_path: Path) -> Verified:
             "there is nothing signed to verify",
             fix="run the release to completion first (`gantry release SPEC`)",
         )
+    from gantry.stages.sign import SignResult
+
+    signed = SignResult.model_validate(sign)
     return verify_artifacts(
         image=str(build["image"]),
-        image_public_key=Path(sign["public_key"]),
+        image_public_key=Path(signed.public_key) if signed.method == "key" else None,
         weights_path=Path(weights["path"]),
         manifest_path=Path(weights["manifest_path"]),
-        weights_signature=Path(sign["weights_signature"]),
-        weights_public_key=Path(sign["weights_public_key"]),
+        weights_signature=Path(signed.weights_signature),
+        weights_public_key=Path(signed.weights_public_key),
+        image_options=signed.verification(),
     )

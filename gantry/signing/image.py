@@ -85,7 +85,7 @@ class VerifiedSignature(_Result):
     digest: str
     signature_ref: str = Field(description="<registry>/<repository>:sha256-<hex>.sig")
     signer: Signer = Field(description="Which implementation verified it.")
-    key_id: str
+    key_id: str | None = Field(description="The public key's id; None for KMS and keyless.")
     payloads: tuple[dict[str, Any], ...] = Field(description="The signed payloads.")
 
 
@@ -96,7 +96,7 @@ class VerifiedAttestation(_Result):
     digest: str
     reference: str = Field(description="<registry>/<repository>:sha256-<hex>.att")
     signer: Signer = Field(description="Which implementation verified it.")
-    key_id: str
+    key_id: str | None
     predicate_type: str
     statements: tuple[dict[str, Any], ...] = Field(description="The in-toto statements.")
 
@@ -229,7 +229,8 @@ def _cosign_key_id(
         return None
 
 
-def _predicate_dict(predicate: bytes | Mapping[str, Any]) -> dict[str, Any]:
+def predicate_dict(predicate: bytes | Mapping[str, Any]) -> dict[str, Any]:
+    """An attestation's predicate as the JSON object its statement holds."""
     if isinstance(predicate, bytes | bytearray):
         try:
             doc = json.loads(predicate)
@@ -318,7 +319,7 @@ def attest(
     ``predicate_type`` is a URI or a cosign short name (``cyclonedx``, ``spdxjson``…).
     """
     ref = simple.parse_image_ref(image)
-    doc = _predicate_dict(predicate)
+    doc = predicate_dict(predicate)
     uri = simple.predicate_type_uri(predicate_type)
     signer = choose_signer(options)
     with _registry(ref) as registry:
@@ -367,25 +368,49 @@ def attest(
     )
 
 
+def _verifying_key(
+    options: SignOptions, public_key_path: Path | None
+) -> tuple[SigningKey, dict[str, str], str | None]:
+    """What cosign verifies with, as the image was signed: the public key file, the KMS
+    key, or (keyless) the identity the certificate must name; and the key id, if any."""
+    if options.method == "kms":
+        assert options.kms_uri  # the options' validation requires it
+        return SigningKey("kms", options.kms_uri), {}, None
+    if options.method == "keyless":
+        identity = {
+            "certificate_identity": options.certificate_identity or "",
+            "certificate_oidc_issuer": options.certificate_oidc_issuer or "",
+        }
+        return SigningKey("keyless"), identity, None
+    if public_key_path is None:
+        raise SigningKeyError(
+            "verifying a key signature needs its public key", fix=keys.GENERATE_HINT
+        )
+    kid = keys.fingerprint_pem(_read_public(public_key_path), source=str(public_key_path))
+    return SigningKey("key", str(public_key_path)), {}, kid
+
+
 def verify_image(
     image: str,
-    public_key_path: Path,
+    public_key_path: Path | None,
     *,
     options: SignOptions | None = None,
     check_identity: bool = True,
     cosign: Cosign | None = None,
 ) -> VerifiedSignature:
-    """Verify ``image``'s signatures with ``public_key_path``; SignatureVerificationError if
-    none is valid. A tag is resolved first: the digest it points at now is what must be signed.
+    """Verify ``image``'s signatures as ``options`` say it was signed (the public key at
+    ``public_key_path``; a KMS key; a keyless identity); SignatureVerificationError if none
+    is valid. A tag is resolved first: the digest it points at now is what must be signed.
     """
     options = options or SignOptions()
     ref = simple.parse_image_ref(image)
     verifier = choose_signer(options)
-    kid = keys.fingerprint_pem(_read_public(public_key_path), source=str(public_key_path))
+    key, identity, kid = _verifying_key(options, public_key_path)
     with _registry(ref) as registry:
         digest = simple.resolve_digest(registry, ref)
         if verifier == "builtin":
-            simple.require_no_tlog(options.tlog_upload)
+            _builtin_only(options)
+            assert public_key_path is not None
             public = keys.load_public_key(public_key_path)
             found = simple.verify_signatures(
                 registry, ref.at(digest), public, check_identity=check_identity
@@ -394,11 +419,7 @@ def verify_image(
         else:
             runner = _cosign(registry, cosign)
             payloads = tuple(
-                runner.verify(
-                    f"{ref.name}@{digest}",
-                    key=SigningKey("key", str(public_key_path)),
-                    tlog=options.tlog_upload,
-                )
+                runner.verify(f"{ref.name}@{digest}", key=key, tlog=options.tlog_upload, **identity)
             )
     return VerifiedSignature(
         image=f"{ref.name}@{digest}",
@@ -412,22 +433,23 @@ def verify_image(
 
 def verify_attestation(
     image: str,
-    public_key_path: Path,
+    public_key_path: Path | None,
     predicate_type: str,
     *,
     options: SignOptions | None = None,
     cosign: Cosign | None = None,
 ) -> VerifiedAttestation:
-    """Verify ``image``'s attestations of ``predicate_type`` with ``public_key_path``."""
+    """Verify ``image``'s attestations of ``predicate_type`` as :func:`verify_image` does."""
     options = options or SignOptions()
     ref = simple.parse_image_ref(image)
     verifier = choose_signer(options)
     uri = simple.predicate_type_uri(predicate_type)
-    kid = keys.fingerprint_pem(_read_public(public_key_path), source=str(public_key_path))
+    key, identity, kid = _verifying_key(options, public_key_path)
     with _registry(ref) as registry:
         digest = simple.resolve_digest(registry, ref)
         if verifier == "builtin":
-            simple.require_no_tlog(options.tlog_upload)
+            _builtin_only(options)
+            assert public_key_path is not None
             public = keys.load_public_key(public_key_path)
             found = simple.verify_attestations(registry, ref.at(digest), public, uri)
             statements = tuple(v.statement for v in found)
@@ -436,9 +458,10 @@ def verify_attestation(
             statements = tuple(
                 runner.verify_attestation(
                     f"{ref.name}@{digest}",
-                    key=SigningKey("key", str(public_key_path)),
+                    key=key,
                     predicate_type=predicate_type,
                     tlog=options.tlog_upload,
+                    **identity,
                 )
             )
     return VerifiedAttestation(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +25,7 @@ from gantry.manifest import WeightsManifest
 from gantry.settings import Settings
 from gantry.signing import image as image_signing
 from gantry.signing.image import VerifiedSignature
-from gantry.spec import ReleaseSpec
+from gantry.spec import ReleaseSpec, SignOptions
 from gantry.stages.build import BuildResult
 from gantry.stages.scan import ScanResult
 from gantry.stages.weights import WeightsResult
@@ -51,6 +52,26 @@ class SignResult(BaseModel):
     keys_generated: bool = Field(description="The embedded default keys were made by this run.")
     cached: bool = Field(description="Every signature already existed and verified.")
     sign_seconds: float
+    # How the image was signed, so that every later verification uses the same (the
+    # defaults are those of records written before these were kept).
+    method: Literal["key", "kms", "keyless"] = "key"
+    kms_uri: str | None = None
+    tlog: bool = False
+    certificate_identity: str | None = None
+    certificate_oidc_issuer: str | None = None
+
+    def verification(self) -> SignOptions:
+        """The options that verify this image signature: those it was made with."""
+        return SignOptions(
+            method=self.method,
+            kms_uri=self.kms_uri,
+            tlog_upload=self.tlog,
+            # A key signature without Rekor is checked by whichever implementation is
+            # here (the formats are the same); KMS, keyless and Rekor need cosign.
+            signer="auto" if self.method == "key" and not self.tlog else "cosign",
+            certificate_identity=self.certificate_identity,
+            certificate_oidc_issuer=self.certificate_oidc_issuer,
+        )
 
 
 def weights_signature_path(weights: WeightsResult) -> Path:
@@ -59,19 +80,30 @@ def weights_signature_path(weights: WeightsResult) -> Path:
     return snap.with_name(snap.name + ".sig.json")
 
 
-def _existing_signature(image: str, keys: KeyPaths) -> VerifiedSignature | None:
+def _public_key(opts: SignOptions, keys: KeyPaths) -> Path | None:
+    return Path(keys.image_pub) if opts.method == "key" else None
+
+
+def _existing_signature(image: str, keys: KeyPaths, opts: SignOptions) -> VerifiedSignature | None:
     try:
-        return image_signing.verify_image(image, Path(keys.image_pub))
+        return image_signing.verify_image(image, _public_key(opts, keys), options=opts)
     except SignatureVerificationError:
         return None
 
 
-def _already_attested(image: str, keys: KeyPaths, predicate: str) -> bool:
+def _already_attested(
+    image: str, keys: KeyPaths, opts: SignOptions, predicate: str, body: bytes
+) -> bool:
+    """Whether an attestation of ``predicate`` with exactly ``body`` already verifies: a
+    scan result that changed since (a re-scan) is attested again."""
     try:
-        image_signing.verify_attestation(image, Path(keys.image_pub), predicate)
+        found = image_signing.verify_attestation(
+            image, _public_key(opts, keys), predicate, options=opts
+        )
     except SignatureVerificationError:
         return False
-    return True
+    want = image_signing.predicate_dict(body)
+    return any(st.get("predicate") == want for st in found.statements)
 
 
 def run(
@@ -87,7 +119,7 @@ def run(
     opts = spec.sign
     reused = True
 
-    if (existing := _existing_signature(build.image, keys)) is not None:
+    if (existing := _existing_signature(build.image, keys, opts)) is not None:
         log.info("image %s is already signed with %s", build.image, keys.image_pub)
         signer, signature_ref = existing.signer, existing.signature_ref
     else:
@@ -101,7 +133,7 @@ def run(
         (SBOM_PREDICATE, Path(scan.sbom_path).read_bytes()),
         (SCAN_PREDICATE, scan.model_dump_json().encode()),
     ):
-        if _already_attested(build.image, keys, predicate):
+        if _already_attested(build.image, keys, opts, predicate, body):
             attestations[predicate] = "existing"
             continue
         reused = False
@@ -130,4 +162,9 @@ def run(
         keys_generated=keys.generated,
         cached=reused,
         sign_seconds=round(time.monotonic() - t0, 3),
+        method=opts.method,
+        kms_uri=opts.kms_uri,
+        tlog=opts.tlog_upload,
+        certificate_identity=opts.certificate_identity,
+        certificate_oidc_issuer=opts.certificate_oidc_issuer,
     )

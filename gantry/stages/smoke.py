@@ -313,11 +313,12 @@ def verify_inputs(build: BuildResult, weights: WeightsResult, sign: SignResult) 
     """Verification before use of what a serving stage is about to run and mount."""
     return verify_artifacts(
         image=build.image,
-        image_public_key=Path(sign.public_key),
+        image_public_key=Path(sign.public_key) if sign.method == "key" else None,
         weights_path=Path(weights.path),
         manifest_path=Path(weights.manifest_path),
         weights_signature=Path(sign.weights_signature),
         weights_public_key=Path(sign.weights_public_key),
+        image_options=sign.verification(),
     )
 
 

@@ -27,6 +27,7 @@ from gantry.errors import (
     SignatureVerificationError,
     SigningConfigError,
     SigningKeyError,
+    ToolNotFoundError,
 )
 from gantry.signing import image as signing
 from gantry.signing import simple
@@ -421,7 +422,13 @@ def test_builtin_refuses_tlog_kms_and_keyless(images: Images, key: Keys) -> None
         )
     assert "signer: cosign" in str(exc.value)
     for method in ("kms", "keyless"):
-        options = SignOptions(signer="builtin", method=method, kms_uri="awskms:///alias/x")
+        options = SignOptions(
+            signer="builtin",
+            method=method,
+            kms_uri="awskms:///alias/x",
+            certificate_identity="ci@acme.example",
+            certificate_oidc_issuer="https://issuer.example",
+        )
         with pytest.raises(SigningConfigError, match=f"cannot sign with method '{method}'"):
             signing.sign_image(image, options, key.dir, password_provider=_pw)
 
@@ -470,6 +477,93 @@ def test_cosign_path_signs_by_digest_with_env_password(
     }  # fmt: skip
     assert sig.signer == "cosign" and sig.digest == images.digest_b
     assert sig.public_key_path == str(key.pub) and sig.key_id
+
+
+VERIFYING_FAKE = (
+    FAKE
+    + """\
+if sys.argv[1] == "verify":
+    print('[{"critical": {"type": "cosign container image signature"}, "optional": {}}]')
+"""
+)
+
+
+def test_verification_uses_how_the_image_was_signed(
+    images: Images, key: Keys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A KMS or keyless signature is verified with that KMS key or that identity (through
+    cosign), a Rekor-logged one with Rekor; never with the default key pair instead."""
+    from gantry.stages.sign import SignResult
+
+    fake = tmp_path / "cosign"
+    fake.write_text(f"#!{sys.executable}\n{VERIFYING_FAKE}")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    record = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_COSIGN_RECORD", str(record))
+    monkeypatch.setenv("COSIGN_BIN", str(fake))
+    image = f"{images.repo}@{images.digest_b}"
+    base = {
+        "image": image, "signer": "cosign", "signature_ref": "x", "public_key": "",
+        "attestations": {}, "weights_signature": "w", "weights_public_key": "p",
+        "weights_key_fingerprint": "f", "keys_generated": False, "cached": False,
+        "sign_seconds": 0.0,
+    }  # fmt: skip
+    kms = SignResult(**base, method="kms", kms_uri="awskms:///alias/gantry", tlog=True)
+    keyless = SignResult(
+        **base,
+        method="keyless",
+        tlog=True,
+        certificate_identity="https://github.com/acme/ci/.github/workflows/release.yml@main",
+        certificate_oidc_issuer="https://token.actions.githubusercontent.com",
+    )
+    for result in (kms, keyless):
+        verified = signing.verify_image(image, None, options=result.verification())
+        assert verified.signer == "cosign" and verified.key_id is None
+    calls = [json.loads(line)["argv"] for line in record.read_text().splitlines()]
+    verifies = [c for c in calls if c[0] == "verify"]
+    assert verifies[0][:3] == ["verify", "--key", "awskms:///alias/gantry"]
+    assert "--insecure-ignore-tlog=true" not in verifies[0]  # it was logged in Rekor
+    assert verifies[1][1:5] == [
+        "--certificate-identity", keyless.certificate_identity,
+        "--certificate-oidc-issuer", keyless.certificate_oidc_issuer,
+    ]  # fmt: skip
+    # A key signature recorded as logged in Rekor: the built-in verifier cannot check
+    # Rekor, so it refuses rather than pass on the signature alone.
+    monkeypatch.delenv("COSIGN_BIN")
+    logged = SignResult(**{**base, "public_key": str(key.pub)}, tlog=True)
+    with pytest.raises(SigningConfigError):
+        signing.verify_image(
+            image, key.pub, options=logged.verification().model_copy(update={"signer": "builtin"})
+        )
+    with pytest.raises(ToolNotFoundError):
+        signing.verify_image(image, key.pub, options=logged.verification())
+
+
+def test_a_changed_attestation_is_made_again_an_unchanged_one_is_not(
+    images: Images, key: Keys
+) -> None:
+    """Signature reuse (sign stage) keeps an attestation only when its predicate is the one
+    to attest now: a re-scan's new result is attested, the old one no longer counts."""
+    from gantry.keyring import KeyPaths
+    from gantry.stages.sign import _already_attested
+
+    image = f"{images.repo}@{images.digest_a}"
+    keys = KeyPaths(
+        image_key=str(key.priv), image_pub=str(key.pub), weights_key="-", weights_pub="-"
+    )
+    kind = "https://gantry.dev/attestations/test-reattest/v1"
+    first = json.dumps({"passed": True, "scan_seconds": 1.0}).encode()
+    signing.attest(
+        image,
+        "https://gantry.dev/attestations/test-reattest/v1",
+        first,
+        BUILTIN,
+        key.dir,
+        password_provider=_pw,
+    )
+    assert _already_attested(image, keys, BUILTIN, kind, first)
+    changed = json.dumps({"passed": False, "scan_seconds": 2.0}).encode()
+    assert not _already_attested(image, keys, BUILTIN, kind, changed)
 
 
 # --- the real cosign ---------------------------------------------------------------------

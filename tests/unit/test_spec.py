@@ -48,6 +48,8 @@ def test_defaults_and_release_id_is_stable() -> None:
             {**GOOD, "mlflow": {"tracking_uri": "https://u:p@mlflow.example"}},
             "MLFLOW_TRACKING_PASSWORD",
         ),
+        ({**GOOD, "sign": {"method": "kms"}}, "sign: Value error, method kms needs kms_uri"),
+        ({**GOOD, "sign": {"method": "keyless"}}, "needs certificate_identity"),
         ({"source": GOOD["source"]}, "name: Field required"),
     ],
 )
