@@ -265,3 +265,89 @@ def test_a_webhook_sender_cannot_weaken_a_gate_or_replay_a_delivery(
         "Prefect idempotency key); timestamped generic signatures refuse old bodies"
     )
     replay.result = "passed"
+
+
+# A model server that answers embeddings, except (as "champion") the quality probes: the
+# comparison the canary's quality check needs cannot be made.
+EMBEDDINGS_SERVER = r"""
+import http.server, json, os
+class H(http.server.BaseHTTPRequestHandler):
+    def _send(self, code, doc):
+        body = json.dumps(doc).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self._send(200, {"status": "ok"})
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if os.environ["ROLE"] == "champion" and self.headers.get("x-gantry-probe") == "quality":
+            return self._send(500, {"error": "down for quality probes"})
+        texts = req["input"] if isinstance(req["input"], list) else [req["input"]]
+        data = [{"index": i, "embedding": [1.0, 0.0, 0.0]} for i, _ in enumerate(texts)]
+        self._send(200, {"data": data, "model": req.get("model")})
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("", 8080), H).serve_forever()
+"""
+
+
+def test_a_champion_that_cannot_be_measured_is_no_pass(
+    make_target: Any,  # noqa: F811
+    scenario: Scenario,
+) -> None:
+    """The champion's quality probes fail (as a candidate might arrange by overloading
+    it): the window is inconclusive, run again, then the step fails; it never passes on
+    the candidate's word alone."""
+    from gantry.spec import CanaryOptions
+    from gantry.stages.canary.analysis import analyse_step
+    from gantry.stages.canary.probes import Prober
+    from tests.support import REPO_ROOT
+
+    scenario.group = GROUP
+    scenario.title = "the champion cannot be scored by the canary's quality probe"
+    target: DockerTarget = make_target("unmeasured")
+    target.ensure({Slot.A: 90, Slot.B: 10})
+    for slot, role in ((Slot.A, "champion"), (Slot.B, "candidate")):
+        target.client.containers.run(
+            "python:3.11-slim-bookworm",
+            ["python", "-c", EMBEDDINGS_SERVER],
+            name=target.server_name(slot),
+            network=target.name,
+            labels={DEPLOYMENT_LABEL: target.name},
+            environment={"ROLE": role},
+            user="65534",
+            detach=True,
+        )
+    for slot in Slot:
+        target.wait_server_up(slot, 60)
+    dataset = REPO_ROOT / "examples" / "eval" / "minilm-retrieval.jsonl"
+    spec = parse_spec(
+        {
+            "name": "unmeasured",
+            "source": {"repo_id": "a/b", "revision": "v1"},
+            "evaluate": {"dataset": str(dataset), "request_attempts": 1},
+        }
+    )
+    opts = CanaryOptions(
+        window_s=2, interval_s=0.5, min_requests=4, probe_rps=8, quality_probes=4,
+        inconclusive_retries=1,
+    )  # fmt: skip
+    prober = Prober(spec, target.endpoint, dataset, target.probe_headers)
+    t0 = time.monotonic()
+    try:
+        verdict = analyse_step(target, prober, opts, Slot.B, Slot.A, 0, 10)
+    finally:
+        prober.close()
+    took = time.monotonic() - t0
+    checks = {c.name: c for c in verdict.checks}
+    assert not verdict.passed and "quality" in verdict.failed_checks, verdict
+    assert checks["quality"].inconclusive and checks["quality"].passed is None
+    assert checks["success-rate"].passed is True  # everything else was fine
+    assert took >= 2 * opts.window_s  # the window was run again before it failed
+    scenario.outcome = (
+        f"quality inconclusive (no champion score): the window ran twice ({took:.0f}s), "
+        "then the step failed naming the check; a rollback, never a pass"
+    )
