@@ -224,6 +224,10 @@ def test_a_captured_body_resent_under_a_new_delivery_id_starts_no_second_run(
 def _cases() -> list[Any]:
     release = json.dumps(_github_release()).encode()
     generic_bad = json.dumps({"spec_path": DEMO, "overrides": {"source.revision": ""}}).encode()
+    generic_weaker = json.dumps(
+        {"spec_path": DEMO, "overrides": {"evaluate.threshold": 0.0}}
+    ).encode()
+    generic_inline = json.dumps({"spec": {"name": "x", "source": {"repo_id": "a/b"}}}).encode()
     return [
         pytest.param(release, {"signature": None}, 401, id="unsigned"),
         pytest.param(release, {"signature": sign(release, b"wrong")}, 401, id="bad-signature"),
@@ -247,6 +251,8 @@ def _cases() -> list[Any]:
         pytest.param(b"action=published", {}, 400, id="not-json-body"),
         pytest.param(release, {"delivery": None}, 400, id="no-delivery-id"),
         pytest.param(generic_bad, {"event": None}, 422, id="invalid-parameters"),
+        pytest.param(generic_weaker, {"event": None}, 403, id="override-weakens-a-gate"),
+        pytest.param(generic_inline, {"event": None}, 403, id="inline-spec-not-allowed"),
         pytest.param(release, {"event": "push"}, 202, id="unknown-event"),
         pytest.param(
             json.dumps(_github_release("created")).encode(), {}, 202, id="release-not-published"
@@ -274,6 +280,8 @@ def test_refusals_create_no_run(
         assert "error" in answer
     if status == 422:
         assert answer["fields"][0]["loc"] == "spec.source.revision"
+    if status == 403:
+        assert answer["fields"] and answer["fix"]
     assert _count(prefect_server, deployment) == before
 
 
