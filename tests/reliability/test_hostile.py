@@ -225,7 +225,7 @@ def test_a_webhook_sender_cannot_weaken_a_gate_or_replay_a_delivery(
     _client, starter, _dir = webhook
     scenario.group = GROUP
     scenario.title = (
-        "a webhook sender overrides evaluate.threshold, scan.allow_offline, sign.key, "
+        "a webhook sender overrides evaluate.threshold, scan.ignore_unfixed, sign.key, "
         "source.endpoint, mlflow.tracking_uri"
     )
     before = len(starter.calls)
