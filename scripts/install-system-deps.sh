@@ -6,6 +6,8 @@
 #   wrk              the load generator of the benchmarks
 #   chromium         the browser test of the Prefect UI's run form (tests/e2e/test_ui_release.py)
 #   chromium-driver  chromedriver for that test (Selenium drives Debian's chromium through it)
+#   libssl-dev, pkg-config  OpenSSL for the sigstore-rs interop peer (tests/interop/sigstore-rs,
+#                    built with the machine's Rust toolchain: Debian's cargo is too old for it)
 #
 # Idempotent: when everything is installed it changes nothing and touches no network.
 # Runs as root, or through sudo when that is available.
@@ -16,7 +18,7 @@
 # harmless; `systemctl disable --now docker-registry` stops it if the port is wanted.
 set -euo pipefail
 
-PACKAGES=(debootstrap docker-registry wrk chromium chromium-driver)
+PACKAGES=(debootstrap docker-registry wrk chromium chromium-driver libssl-dev pkg-config)
 
 say() { printf 'install-system-deps: %s\n' "$*"; }
 
