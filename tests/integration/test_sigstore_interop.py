@@ -12,6 +12,7 @@ not read `.att` attestations, so those are not covered here.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -116,7 +117,7 @@ def test_a_builtin_signature_verifies_with_sigstore_rs_and_tampering_is_refused(
     peer: Path, repo: Repo, tmp_path: Path
 ) -> None:
     priv, pub = _keys(tmp_path / "gantry", PASSWORD)
-    other_priv, other_pub = _keys(tmp_path / "other", PASSWORD)
+    _other_priv, other_pub = _keys(tmp_path / "other", PASSWORD)
     image = f"{repo.name}@{repo.digests['a']}"
     _sign_builtin(image, priv)
     ok = _peer(peer, repo, "verify", "--key", str(pub), image)
@@ -140,12 +141,9 @@ def test_a_builtin_signature_verifies_with_sigstore_rs_and_tampering_is_refused(
         b64 = doc["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"]
         flipped = b64[:10] + ("A" if b64[10] != "A" else "B") + b64[11:]
         doc["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"] = flipped
-        import json
-
         reg.put_manifest(repo.repository, tag, json.dumps(doc).encode(), sig.media_type)
     corrupted = _peer(peer, repo, "verify", "--key", str(pub), image)
     assert corrupted.returncode == 1, corrupted.stderr
-    del other_priv
 
 
 def test_a_sigstore_rs_signature_passes_gantrys_verification(
