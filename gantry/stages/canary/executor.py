@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from gantry.adapters.haproxy import Slot
@@ -19,7 +20,14 @@ from gantry.adapters.mlflow_registry import CHAMPION, ModelVersionRef
 from gantry.deploy.router import Target
 from gantry.errors import ChampionUnavailableError, GantryError
 from gantry.stages.canary import machine as m
-from gantry.stages.canary.state import CanaryStatus, DeploymentStatus, DeploymentStore, Served
+from gantry.stages.canary.state import (
+    CanaryStatus,
+    DeploymentStatus,
+    DeploymentStore,
+    Phase,
+    Served,
+    now,
+)
 
 log = logging.getLogger("gantry.canary")
 
@@ -69,6 +77,9 @@ class Deployment:
         self.started: list[str] = []
         #: Cold start (s) of each server this executor started with a launch.
         self.cold_starts: dict[Slot, float] = {}
+        #: When the router actually took the rolled-back candidate's traffic away (the
+        #: transition knows only when it decided to).
+        self._weight_zero_at: datetime | None = None
 
     @functools.cached_property
     def registry(self) -> Registry:
@@ -82,8 +93,17 @@ class Deployment:
         """Apply ``event``: the transition's effects in order; the new status."""
         new, effects = m.transition(self.status, event)
         self.apply(effects)
-        self.status = new
-        return new
+        self.status = self._observed(new)
+        return self.status
+
+    def _observed(self, status: DeploymentStatus) -> DeploymentStatus:
+        """``status`` with what only applying the effects tells: the router's port, and
+        when the router really took the candidate's traffic away."""
+        status = status.model_copy(update={"port": self.target.port or status.port})
+        c = status.canary
+        if self._weight_zero_at is not None and c is not None and c.weight_zero_at:
+            status.canary = c.model_copy(update={"weight_zero_at": self._weight_zero_at})
+        return status
 
     def apply(self, effects: tuple[m.Effect, ...]) -> None:
         for effect in effects:
@@ -93,7 +113,7 @@ class Deployment:
         t = self.target
         match effect:
             case m.Persist(status=status):
-                status = status.model_copy(update={"port": t.port or status.port})
+                status = self._observed(status)
                 self.store.save(status)
                 self.status = status
                 if status.canary is not None:
@@ -110,6 +130,14 @@ class Deployment:
                 t.readmit(slot)
             case m.SetWeights(weights=weights):
                 t.set_weights(weights)
+                c, cand = self.status.canary, self.status.candidate
+                if (
+                    c is not None
+                    and cand is not None
+                    and c.phase is Phase.ROLLING_BACK
+                    and weights.get(cand.slot) == 0
+                ):
+                    self._weight_zero_at = now()
             case m.Drain(slot=slot):
                 if t.state(slot).detail != "missing" and t.router_running():
                     t.retire(slot, self.drain_s)
