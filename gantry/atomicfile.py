@@ -42,6 +42,19 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def point_atomic(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target`` (relative, so the directory can move), replacing
+    whatever was there at once: readers see the old file or the new one."""
+    sweep_stale(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically; ``mode`` is set before the file appears."""
     path.parent.mkdir(parents=True, exist_ok=True)

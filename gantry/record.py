@@ -2,10 +2,10 @@
 
 Written atomically after every stage, so a run killed at any point leaves a record that
 says how far it got. ``<state dir>/releases/<release-id>.json`` holds the latest run of a
-release; each run also has its own file under ``releases/history/`` (``run_record``), left
-unchanged once the run ends. What a deployment runs points at that file, so a later run of
-the same spec that fails cannot take away what `gantry rollback`, re-evaluation and
-`gantry verify` need of the version that serves.
+release, a symlink to that run's own file under ``releases/history/`` (``run_record``),
+which stays unchanged once the run ends. What a deployment runs points at that file, so a
+later run of the same spec that fails cannot take away what `gantry rollback`,
+re-evaluation and `gantry verify` need of the version that serves.
 
 Records are private (0600, in a 0700 directory) and hold no secret: the spec is stored as
 :func:`stored_spec` redacts it, as MLflow's params are (a valid spec holds none anyway).
@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 
 import gantry
-from gantry.atomicfile import private_dir, write_atomic
+from gantry.atomicfile import point_atomic, private_dir, write_atomic
 from gantry.errors import ReleaseInProgressError
 from gantry.locks import exclusive
 from gantry.proc import REDACTED, SECRET_NAME, redact_text
@@ -88,7 +88,7 @@ class ReleaseRecord(BaseModel):
     run_record: str | None = Field(
         default=None,
         description="This run's own record file, unchanged once the run ends (the latest "
-        "record of the release is a copy of it while it is the latest run).",
+        "record of the release points at it while it is the latest run).",
     )
     tracking_store_state: str | None = Field(
         default=None,
@@ -140,6 +140,16 @@ def _error_of(exc: BaseException) -> StageError:
     )
 
 
+def _succeeded(stage: StageRecord | None, result_type: type[T]) -> T | None:
+    """The result of ``stage`` if it succeeded and still reads as ``result_type``."""
+    if stage is None or stage.status != StageStatus.SUCCEEDED:
+        return None
+    try:
+        return result_type.model_validate(stage.result)
+    except ValueError:
+        return None  # a result of an older Gantry version: run the stage again
+
+
 class Recorder:
     """Keeps one release record up to date on disk as the stages run."""
 
@@ -171,6 +181,7 @@ class Recorder:
         self.run_path = self._history / f"{self.path.stem}.{stamp}.{uuid.uuid4().hex[:8]}.json"
         self.record.run_record = str(self.run_path)
         self.write()
+        point_atomic(self.path, self.run_path)
 
     def _archive_previous(self) -> None:
         # Microseconds and a random suffix: two runs in one second must not overwrite.
@@ -200,9 +211,7 @@ class Recorder:
                 yield rec
 
     def write(self) -> None:
-        data = self.record.model_dump_json(indent=2)
-        write_atomic(self.run_path, data, mode=RECORD_MODE)
-        write_atomic(self.path, data, mode=RECORD_MODE)
+        write_atomic(self.run_path, self.record.model_dump_json(indent=2), mode=RECORD_MODE)
 
     def _last_ran(self, name: str) -> StageRecord | None:
         """The stage as it last ran in this release's runs. Runs that failed or were
@@ -222,26 +231,17 @@ class Recorder:
         stale: Callable[[T], str | None] | None = None,
     ) -> T | None:
         prev = self._last_ran(name)
-        if not (prev and prev.status == StageStatus.SUCCEEDED and prev.inputs == inputs):
+        if prev is None or prev.inputs != inputs:
             return None
-        try:
-            result = result_type.model_validate(prev.result)
-        except ValueError:
-            return None  # a result of an older Gantry version: run the stage again
-        if stale is not None and (why := stale(result)) is not None:
+        result = _succeeded(prev, result_type)
+        if result is not None and stale is not None and (why := stale(result)) is not None:
             log.info("stage %s: its earlier result is not re-used: %s", name, why)
             return None
         return result
 
     def last_result(self, name: str, result_type: type[T]) -> T | None:
         """The stage's result where it last ran in this release and succeeded, if any."""
-        prev = self._last_ran(name)
-        if prev is None or prev.status != StageStatus.SUCCEEDED:
-            return None
-        try:
-            return result_type.model_validate(prev.result)
-        except ValueError:
-            return None
+        return _succeeded(self._last_ran(name), result_type)
 
     def run_stage(
         self,

@@ -281,6 +281,15 @@ def measure(
     return result
 
 
+def dataset_sha256(spec: ReleaseSpec) -> str | None:
+    """sha256 of the spec's eval set; None without one, or when the file is missing (the
+    evaluation itself names that)."""
+    if spec.evaluate.dataset is None:
+        return None
+    path = resolve_dataset(spec.evaluate.dataset)
+    return scoring.file_sha256(path) if path.is_file() else None
+
+
 def reuse_key(
     spec: ReleaseSpec,
     settings: Settings,
@@ -299,10 +308,9 @@ def reuse_key(
     """
     if spec.evaluate.dataset is None:
         return f"{served} eval-set:none"
-    path = resolve_dataset(spec.evaluate.dataset)
-    if not path.is_file():
+    sha = dataset_sha256(spec)
+    if sha is None:
         return None
-    sha = scoring.file_sha256(path)
     if store_unchanged and earlier is not None:
         champion = earlier.champion_score
     else:

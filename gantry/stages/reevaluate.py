@@ -69,7 +69,7 @@ from gantry.stages.canary.rollback import RollbackResult, rollback_model
 from gantry.stages.canary.run import target_for
 from gantry.stages.canary.serving import release_from_record, verify_release
 from gantry.stages.canary.state import DeploymentStatus, DeploymentStore
-from gantry.stages.evaluate import EvalResult, measure, resolve_dataset
+from gantry.stages.evaluate import EvalResult, dataset_sha256, measure
 from gantry.stages.register import open_registry, with_tracking_uri
 from gantry.stages.scan import ScanResult
 
@@ -636,7 +636,7 @@ def _reevaluate(
                 )
             )
             baseline = baseline_of(_run_metrics(registry, alias.run_id), spec.evaluate.metric)
-            if note := eval_set_changed(_recorded_eval_set(record), _current_eval_set(spec)):
+            if note := eval_set_changed(_recorded_eval_set(record), dataset_sha256(spec)):
                 log.warning("%s: %s", status.model, note)
                 acc.set(warnings=(note,))
                 baseline = None
@@ -748,13 +748,6 @@ def _recorded_eval_set(record: ReleaseRecord | None) -> str | None:
     stage = record.stages.get("evaluate") if record else None
     sha = (stage.result or {}).get("dataset_sha256") if stage else None
     return str(sha) if sha else None
-
-
-def _current_eval_set(spec: ReleaseSpec) -> str | None:
-    if spec.evaluate.dataset is None:
-        return None
-    path = resolve_dataset(spec.evaluate.dataset)
-    return ev.file_sha256(path) if path.is_file() else None  # measure() names a missing one
 
 
 def _scan_check(

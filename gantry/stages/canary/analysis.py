@@ -302,7 +302,7 @@ def analyse_step(
     needs is missing) is run again ``opts.inconclusive_retries`` times, then fails."""
     for attempt in range(opts.inconclusive_retries + 1):
         verdict = _window(target, prober, opts, cand, champ, step, weight)
-        missing = [c.name for c in verdict.checks if c.inconclusive]
+        missing = inconclusive(verdict.checks)
         if verdict.passed or not missing or failed(verdict.checks):
             return verdict
         if attempt < opts.inconclusive_retries:
