@@ -145,6 +145,18 @@ class UnsafePathError(HubError, PermanentError):
     """A file name from the hub would escape the download directory."""
 
 
+class CommitConflictError(HubError, PermanentError):
+    """A commit was built on a parent that is no longer its branch's head."""
+
+
+class EntryNotFoundError(HubError, PermanentError):
+    """A file or folder a commit deletes is not in the repository."""
+
+
+class BlobMissingError(HubError, PermanentError):
+    """A commit names file content (an LFS object) the hub never received."""
+
+
 class ChecksumMismatchError(PermanentError):
     """A file's digest differs from the one it must have."""
 

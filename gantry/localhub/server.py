@@ -1,11 +1,13 @@
 """A local endpoint that speaks enough of the Hugging Face Hub HTTP API for
 ``huggingface_hub`` (``snapshot_download``, ``hf_hub_download``, ``HfApi.model_info``,
-``HfApi.list_repo_tree``) to work unmodified against it through ``HF_ENDPOINT``.
+``HfApi.list_repo_tree``; uploads, commits, tags and branches through
+:mod:`gantry.localhub.upload`) to work unmodified against it through ``HF_ENDPOINT``.
 
-Routes (model repositories only)::
+Read routes (model repositories only)::
 
     GET       /api/models/{ns}/{name}[/revision/{rev}]     model info (?blobs=true: sizes, LFS)
     GET       /api/models/{ns}/{name}/tree/{rev}[/{path}]  tree (?recursive=true, ?expand=true)
+    GET       /api/models/{ns}/{name}/refs                 branches and tags
     HEAD, GET /{ns}/{name}/resolve/{rev}/{path}            file content (Range supported)
     GET, DELETE          /_gantry/stats                    request counts by kind / reset them
     GET, POST, DELETE    /_gantry/faults                   fault injection rules
@@ -23,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import socket
 import struct
 import threading
@@ -32,7 +33,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote
 
 import anyio
 import uvicorn
@@ -49,6 +49,9 @@ from gantry.errors import (
     ServiceError,
     UnsafePathError,
 )
+from gantry.localhub.httputil import bearer as _bearer
+from gantry.localhub.httputil import error as _error
+from gantry.localhub.httputil import segments as _segments
 from gantry.localhub.store import (
     Commit,
     HubStore,
@@ -57,13 +60,13 @@ from gantry.localhub.store import (
     check_repo_id,
     check_repo_path,
 )
+from gantry.localhub.upload import Uploads
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["api", "download", "control", "other"]
 _CHUNK = 1024 * 1024
 _TRUE = {"1", "true", "True"}
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 #: Fault modes that act on a response body, so only on GET.
 _BODY_FAULTS = frozenset({"truncate", "short", "corrupt"})
 
@@ -199,32 +202,6 @@ async def _drop_connection(send: Send, *, reset: bool) -> bool:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _error(status: int, code: str | None, message: str, **headers: str) -> Response:
-    # Messages echo request input (revisions, paths): keep the header printable ASCII, so
-    # an encoded CR/LF cannot split it and a non-latin-1 character cannot crash it.
-    hdrs = {"X-Error-Message": _UNPRINTABLE.sub("?", message), **headers}
-    if code is not None:
-        hdrs["X-Error-Code"] = code
-    return JSONResponse({"error": message}, status_code=status, headers=hdrs)
-
-
-def _segments(request: Request) -> list[str]:
-    # The client percent-encodes revisions (and tree paths) as one segment, so "/" inside
-    # them arrives as %2F: split the raw path first, then decode each segment.
-    raw = request.scope.get("raw_path") or quote(request.scope["path"]).encode()
-    text = raw.decode("latin-1").split("?", 1)[0]
-    segments = [unquote(s) for s in text.split("/")[1:]]
-    while segments and segments[-1] == "":
-        segments.pop()
-    return segments
-
-
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "") in _TRUE
 
@@ -284,10 +261,12 @@ class HubApp(Starlette):
         self.store = store
         self.tokens = frozenset(tokens)
         self.hub = HubState(request_log)
+        self.uploads = Uploads(store, self.tokens)
         super().__init__(
             routes=[
                 Route("/_gantry/stats", self._stats, methods=["GET", "DELETE"]),
                 Route("/_gantry/faults", self._faults, methods=["GET", "POST", "DELETE"]),
+                *self.uploads.routes(),
                 Route("/api/models/{rest:path}", self._api, methods=["GET"]),
                 Route("/{rest:path}", self._resolve, methods=["GET"]),  # HEAD implied
             ]
@@ -388,7 +367,7 @@ class HubApp(Starlette):
         except (UnsafePathError, RepoNotFoundError):
             return _error(404, "RepoNotFound", "Repository not found")
         token = _bearer(request)
-        allowed = token is not None and token in (self.tokens | self.store.accepted_tokens())
+        allowed = self.uploads.role(token) is not None
         if flags.private and not allowed:
             if token is None:
                 # As the Hub: an anonymous caller cannot tell private from missing.
@@ -433,6 +412,23 @@ class HubApp(Starlette):
                 return commit
             blobs = _flag(request, "blobs")
             return JSONResponse(self._model_info(repo_id, commit, flags, blobs=blobs))
+        if rest == ["refs"]:
+            refs = self.store.refs(repo_id)
+
+            def listing(names: Mapping[str, str], kind: str) -> list[dict[str, str]]:
+                return [
+                    {"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": sha}
+                    for n, sha in sorted(names.items())
+                ]
+
+            return JSONResponse(
+                {
+                    "branches": listing(refs.branches, "heads"),
+                    "tags": listing(refs.tags, "tags"),
+                    "converts": [],
+                    "pullRequests": [],
+                }
+            )
         if rest[0] == "tree" and len(rest) >= 2:
             commit = self._commit(repo_id, rest[1])
             if isinstance(commit, Response):
@@ -571,10 +567,9 @@ class HubApp(Starlette):
         return self._file_response(request, commit, entry)
 
     def _file_response(self, request: Request, commit: Commit, entry: TreeEntry) -> Response:
-        etag = entry.sha256 if entry.lfs else entry.blob_oid
         headers = {
             "X-Repo-Commit": commit.id,
-            "ETag": f'"{etag}"',
+            "ETag": f'"{entry.etag}"',
             "Accept-Ranges": "bytes",
             "Content-Type": "application/octet-stream",
         }
@@ -672,8 +667,9 @@ def create_app(
 ) -> HubApp:
     """The Hub endpoint over ``store``.
 
-    ``tokens`` (together with the store's own :meth:`HubStore.accepted_tokens`) open gated
-    and private repositories. Every request is appended to ``request_log`` as a JSON line.
+    ``tokens`` (together with the store's own, :meth:`HubStore.token_role`) open gated
+    and private repositories; writes need a store token with the ``write`` role. Every
+    request is appended to ``request_log`` as a JSON line.
     """
     return HubApp(store, tokens, request_log)
 

@@ -6,7 +6,8 @@ Layout under ``root``::
     repos/<ns>/<name>/repo.json         flags: gated, private
     repos/<ns>/<name>/refs.json         branches and tags -> commit id
     repos/<ns>/<name>/commits/<id>.json commits (immutable)
-    tokens.json                         bearer tokens the hub endpoint accepts
+    tokens.json                         bearer tokens the hub endpoint accepts (sha256 only)
+    tmp/                                uploads being received (removed when they end)
 
 A commit id is the sha1 of the commit's canonical JSON (tree, parent, message, timestamp),
 so the same inputs give the same ids on every machine. Every write goes to a temporary
@@ -17,21 +18,29 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gantry.atomicfile import write_atomic
+from gantry.atomicfile import sweep_stale, write_atomic
 from gantry.errors import (
+    BlobMissingError,
+    ChecksumMismatchError,
+    CommitConflictError,
+    EntryNotFoundError,
     PermanentError,
     RepoNotFoundError,
     RevisionNotFoundError,
@@ -49,6 +58,10 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 _REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,99}")
+
+#: A token's access: ``read`` opens gated and private repositories, ``write`` also pushes.
+TokenRole = Literal["read", "write"]
 
 
 class TreeEntry(BaseModel):
@@ -58,8 +71,10 @@ class TreeEntry(BaseModel):
 
     sha256: str
     size: int
-    #: git blob id of the content: sha1(b"blob <size>\\0" + content).
-    blob_oid: str
+    #: git blob id of the content: sha1(b"blob <size>\\0" + content). None for LFS content
+    #: received over HTTP: nothing reads it (LFS files are named by sha256), and hashing a
+    #: large upload twice would halve its throughput.
+    blob_oid: str | None
     lfs: bool
 
     @property
@@ -70,10 +85,23 @@ class TreeEntry(BaseModel):
             f"size {self.size}\n"
         ).encode()
 
+    @model_validator(mode="after")
+    def _regular_files_have_a_git_oid(self) -> TreeEntry:
+        if not self.lfs and self.blob_oid is None:
+            raise ValueError("a file stored in git proper (lfs=False) needs its blob_oid")
+        return self
+
     @property
     def hub_oid(self) -> str:
         """The ``oid``/``blobId`` the Hub reports: the pointer's blob id for LFS files."""
-        return git_blob_oid(self.lfs_pointer) if self.lfs else self.blob_oid
+        if self.lfs or self.blob_oid is None:
+            return git_blob_oid(self.lfs_pointer)
+        return self.blob_oid
+
+    @property
+    def etag(self) -> str:
+        """The ETag of the file's content: its sha256 for LFS files, else its git id."""
+        return self.sha256 if self.lfs or self.blob_oid is None else self.blob_oid
 
 
 class Commit(BaseModel):
@@ -102,6 +130,49 @@ class Refs(BaseModel):
 
     branches: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class HubToken(BaseModel):
+    """A bearer token the endpoint accepts. Only its sha256 is kept: the token itself is
+    shown once, when it is created."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    role: TokenRole
+    created: str
+    sha256: str
+
+
+class _TokenFile(BaseModel):
+    version: Literal[2] = 2
+    tokens: list[HubToken] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AddFile:
+    """Put ``entry`` (a stored blob) at ``path``."""
+
+    path: str
+    entry: TreeEntry
+
+
+@dataclass(frozen=True)
+class DeleteFile:
+    """Remove the file at ``path``; it must exist."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class DeleteFolder:
+    """Remove every file under folder ``path``; there must be one."""
+
+    path: str
+
+
+#: One operation of a commit, applied in order to the branch head's tree.
+Change = AddFile | DeleteFile | DeleteFolder
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -175,6 +246,17 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def gitattributes() -> bytes:
+    """The ``.gitattributes`` a new repository starts with: the store's LFS suffixes, as
+    git-lfs writes them (the Hub's default file, to the store's own rule)."""
+    lines = [f"*{suffix} filter=lfs diff=lfs merge=lfs -text" for suffix in LFS_SUFFIXES]
+    return ("\n".join(lines) + "\n").encode()
+
+
 class HubStore:
     """Repositories, commits and blobs under one root directory."""
 
@@ -201,23 +283,62 @@ class HubStore:
 
     # --- tokens ----------------------------------------------------------------------
 
-    def accepted_tokens(self) -> frozenset[str]:
-        """Bearer tokens that open gated and private repositories."""
+    def tokens(self) -> list[HubToken]:
+        """The tokens the endpoint accepts (digests, names, roles)."""
         path = self.root / "tokens.json"
         if not path.is_file():
-            return frozenset()
-        return frozenset(json.loads(path.read_text()))
+            return []
+        data = json.loads(path.read_bytes())
+        if isinstance(data, list):
+            # The first format: a list of plain tokens, each opening gated/private repos.
+            return [
+                HubToken(name="token", role="read", created="", sha256=_token_digest(t))
+                for t in data
+            ]
+        return _TokenFile.model_validate(data).tokens
 
-    def add_token(self, token: str) -> None:
-        """Accept ``token`` from now on (idempotent)."""
+    def token_role(self, token: str) -> TokenRole | None:
+        """What ``token`` may do; None if the store does not know it."""
+        digest = _token_digest(token)
+        roles = {t.role for t in self.tokens() if hmac.compare_digest(t.sha256, digest)}
+        return "write" if "write" in roles else "read" if roles else None
+
+    def add_token(self, token: str, *, role: TokenRole = "read", name: str = "token") -> None:
+        """Accept ``token`` with ``role`` from now on (idempotent)."""
         if not token or any(c.isspace() for c in token):
             raise PermanentError("a hub token must be non-empty and contain no whitespace")
+        if not _TOKEN_NAME.fullmatch(name):
+            raise PermanentError(
+                f"invalid token name {name!r}",
+                fix="use up to 100 letters, digits, '.', '_', '@' and '-'",
+            )
+        digest = _token_digest(token)
         with self._lock():
-            tokens = self.accepted_tokens()
-            if token not in tokens:
-                write_atomic(
-                    self.root / "tokens.json", _canonical(sorted(tokens | {token})), mode=0o600
-                )
+            tokens = self.tokens()
+            if any(t.sha256 == digest and t.role == role for t in tokens):
+                return
+            created = format_timestamp(datetime.now(UTC))
+            tokens.append(HubToken(name=name, role=role, created=created, sha256=digest))
+            self._write_tokens(tokens)
+
+    def create_token(self, *, role: TokenRole, name: str) -> str:
+        """A new random token with ``role``, stored as its digest; the caller shows it once."""
+        token = "gantry_" + secrets.token_urlsafe(32)
+        self.add_token(token, role=role, name=name)
+        return token
+
+    def remove_tokens(self, name: str) -> int:
+        """Stop accepting the tokens called ``name``; how many there were."""
+        with self._lock():
+            tokens = self.tokens()
+            kept = [t for t in tokens if t.name != name]
+            if len(kept) != len(tokens):
+                self._write_tokens(kept)
+            return len(tokens) - len(kept)
+
+    def _write_tokens(self, tokens: list[HubToken]) -> None:
+        data = _TokenFile(tokens=tokens).model_dump_json(indent=2).encode()
+        write_atomic(self.root / "tokens.json", data, mode=0o600)
 
     # --- repositories ----------------------------------------------------------------
 
@@ -230,12 +351,31 @@ class HubStore:
         base = self.root / "repos"
         return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in base.glob("*/*/repo.json"))
 
-    def create_repo(self, repo_id: str, *, gated: bool = False, private: bool = False) -> None:
-        """Create ``repo_id`` if it does not exist; an existing one keeps its flags."""
+    def create_repo(
+        self,
+        repo_id: str,
+        *,
+        gated: bool = False,
+        private: bool = False,
+        initial_files: Mapping[str, bytes] | None = None,
+    ) -> bool:
+        """Create ``repo_id`` if it does not exist (an existing one keeps its flags and
+        content); whether it was created.
+
+        ``initial_files`` become a first commit on ``main``, as the Hub starts a repository
+        with its ``.gitattributes``. The repository appears (``repo.json``) only after it.
+        """
         with self._lock(repo_id):
-            if not self.repo_exists(repo_id):
-                flags = RepoFlags(gated=gated, private=private)
-                write_atomic(self._repo_dir(repo_id) / "repo.json", _canonical(flags.model_dump()))
+            if self.repo_exists(repo_id):
+                return False
+            if initial_files is not None:
+                paths = sorted(check_repo_path(p) for p in initial_files)
+                tree = {p: self.put_blob(initial_files[p], repo_path=p) for p in paths}
+                sha = self._write_commit(repo_id, None, "initial commit", datetime.now(UTC), tree)
+                self._write_refs(repo_id, Refs(branches={"main": sha}))
+            flags = RepoFlags(gated=gated, private=private)
+            write_atomic(self._repo_dir(repo_id) / "repo.json", _canonical(flags.model_dump()))
+            return True
 
     def repo_flags(self, repo_id: str) -> RepoFlags:
         """The repository's access flags."""
@@ -272,12 +412,18 @@ class HubStore:
     def _write_refs(self, repo_id: str, refs: Refs) -> None:
         write_atomic(self._repo_dir(repo_id) / "refs.json", _canonical(refs.model_dump()))
 
-    def set_branch(self, repo_id: str, name: str, sha: str) -> None:
-        """Point branch ``name`` at commit ``sha`` (creating it, or moving it anywhere)."""
+    def set_branch(self, repo_id: str, name: str, sha: str, *, only_new: bool = False) -> None:
+        """Point branch ``name`` at commit ``sha`` (creating it, or moving it anywhere);
+        ``only_new`` refuses a branch that exists."""
         check_ref_name(name)
         with self._lock(repo_id):
             self.commit(repo_id, sha)
             refs = self.refs(repo_id)
+            if only_new and name in refs.branches:
+                raise PermanentError(
+                    f"branch {name!r} of {repo_id} already exists",
+                    fix="pick another name, or commit to the existing branch",
+                )
             if refs.branches.get(name) != sha:
                 refs.branches[name] = sha
                 self._write_refs(repo_id, refs)
@@ -297,6 +443,21 @@ class HubStore:
                     fix="tags are immutable; use a new tag name (or force=True on purpose)",
                 )
             refs.tags[name] = sha
+            self._write_refs(repo_id, refs)
+
+    def delete_ref(self, repo_id: str, kind: Literal["branch", "tag"], name: str) -> None:
+        """Remove branch or tag ``name`` (its commits stay: tags or other branches may hold
+        them). The ``main`` branch cannot be deleted."""
+        if kind == "branch" and name == "main":
+            raise PermanentError(
+                f"refusing to delete the default branch of {repo_id}",
+                fix="delete another branch, or the whole store directory",
+            )
+        with self._lock(repo_id):
+            refs = self.refs(repo_id)
+            names = refs.branches if kind == "branch" else refs.tags
+            if names.pop(name, None) is None:
+                raise RevisionNotFoundError(f"{kind} {name!r} not found in {repo_id}")
             self._write_refs(repo_id, refs)
 
     def resolve(self, repo_id: str, revision: str) -> str:
@@ -342,6 +503,26 @@ class HubStore:
             c = self.commit(repo_id, current)
             yield c
             current = c.parent
+
+    def has_blob(self, sha256: str, size: int) -> bool:
+        """Whether the blob with this sha256 (and size) is stored."""
+        path = self.blob_path(sha256)
+        return path.is_file() and path.stat().st_size == size
+
+    def receive_blob(self, sha256: str, size: int) -> BlobUpload:
+        """Start receiving the blob the client announced as ``sha256`` of ``size`` bytes::
+
+        with store.receive_blob(oid, size) as upload:
+            for chunk in body:
+                upload.write(chunk)
+            upload.finish()  # checks size and sha256; without it nothing is stored
+        """
+        self.blob_path(sha256)  # validates the digest before anything touches the disk
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Temp files of uploads whose server process died: nothing else would remove them.
+        sweep_stale(tmp_dir / "upload")
+        return BlobUpload(self, sha256, size, tmp_dir)
 
     def put_blob(self, data: bytes | Path, *, repo_path: str) -> TreeEntry:
         """Store ``data`` as a blob (no-op if present) and describe it as ``repo_path``."""
@@ -420,17 +601,7 @@ class HubStore:
                 parent = head
             elif parent is not None:
                 self.commit(repo_id, parent)
-            body = {
-                "parent": parent,
-                "message": message,
-                "timestamp": format_timestamp(timestamp),
-                "tree": {p: e.model_dump() for p, e in tree.items()},
-            }
-            data = _canonical(body)
-            sha = hashlib.sha1(data, usedforsecurity=False).hexdigest()
-            path = self._repo_dir(repo_id) / "commits" / f"{sha}.json"
-            if not path.is_file():
-                write_atomic(path, data)
+            sha = self._write_commit(repo_id, parent, message, timestamp, tree)
             if head is None or head == parent:
                 if head != sha:
                     refs = self.refs(repo_id)
@@ -444,6 +615,79 @@ class HubStore:
                 )
             self._apply_tags(repo_id, sha, tag_names)
             return sha
+
+    def commit_changes(
+        self,
+        repo_id: str,
+        changes: Sequence[Change],
+        *,
+        message: str,
+        branch: str = "main",
+        expected_head: str | None = None,
+        timestamp: datetime | None = None,
+    ) -> str:
+        """Apply ``changes`` in order to the head of ``branch`` as one new commit (at
+        ``timestamp``, default now); the new commit id, or the head's if nothing changed.
+
+        The head is read and moved under the repository's lock, so of two commits built on
+        one ``expected_head`` exactly one lands; the other raises
+        :class:`CommitConflictError`. Every added blob must already be stored.
+        """
+        check_ref_name(branch)
+        with self._lock(repo_id):
+            head = self.refs(repo_id).branches.get(branch)
+            if head is None:
+                raise RevisionNotFoundError(
+                    f"branch {branch!r} not found in {repo_id}",
+                    fix="commit to an existing branch, or create it first (create_branch)",
+                )
+            if expected_head is not None and expected_head != head:
+                raise CommitConflictError(
+                    f"branch {branch!r} of {repo_id} is at {head}, not at the parent commit "
+                    f"{expected_head} this commit was built on",
+                    fix="fetch the branch again, rebuild the commit on its head and retry",
+                )
+            tree = dict(self.tree(repo_id, head))
+            for change in changes:
+                _apply(tree, change, repo_id)
+            _check_no_file_dir_clash(sorted(tree))
+            for path, entry in ((c.path, c.entry) for c in changes if isinstance(c, AddFile)):
+                if not self.has_blob(entry.sha256, entry.size):
+                    raise BlobMissingError(
+                        f"{path} names content sha256:{entry.sha256} ({entry.size} bytes) "
+                        f"that {repo_id} never received",
+                        fix="upload the file's content first (the client's LFS upload step), "
+                        "then commit",
+                    )
+            if tree == self.tree(repo_id, head):
+                return head
+            when = timestamp or datetime.now(UTC)
+            sha = self._write_commit(repo_id, head, message, when, tree)
+            refs = self.refs(repo_id)
+            refs.branches[branch] = sha
+            self._write_refs(repo_id, refs)
+            return sha
+
+    def _write_commit(
+        self,
+        repo_id: str,
+        parent: str | None,
+        message: str,
+        timestamp: datetime,
+        tree: Mapping[str, TreeEntry],
+    ) -> str:
+        body = {
+            "parent": parent,
+            "message": message,
+            "timestamp": format_timestamp(timestamp),
+            "tree": {p: e.model_dump() for p, e in sorted(tree.items())},
+        }
+        data = _canonical(body)
+        sha = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+        path = self._repo_dir(repo_id) / "commits" / f"{sha}.json"
+        if not path.is_file():
+            write_atomic(path, data)
+        return sha
 
     def _apply_tags(self, repo_id: str, sha: str, tags: Iterable[str]) -> None:
         for tag in tags:
@@ -478,6 +722,115 @@ class HubStore:
             finally:
                 held[key] = 0
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class BlobUpload:
+    """A blob being received: hashed while it is written to a temporary file, and stored
+    under its sha256 only once exactly the announced bytes arrived. Until then, and after
+    :meth:`abort` (or leaving the ``with`` block without :meth:`finish`), readers see
+    nothing of it."""
+
+    def __init__(self, store: HubStore, sha256: str, size: int, tmp_dir: Path) -> None:
+        self.sha256 = sha256
+        self.size = size
+        self._store = store
+        self._hash = hashlib.sha256()
+        self._received = 0
+        self._done = False
+        # The pid in the name lets a later upload sweep this file if this process dies.
+        self._tmp = tmp_dir / f".upload.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        self._file: IO[bytes] | None = self._tmp.open("xb")
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``; more bytes than announced is refused at once."""
+        if self._file is None:
+            raise PermanentError("write to a finished or aborted upload")
+        self._received += len(chunk)
+        if self._received > self.size:
+            raise ChecksumMismatchError(
+                f"LFS object {self.sha256}",
+                f"{self.size} bytes",
+                f"more ({self._received} so far)",
+                source="announced size",
+                fix="upload exactly the bytes announced to the batch endpoint",
+            )
+        self._hash.update(chunk)
+        self._file.write(chunk)
+
+    def finish(self) -> None:
+        """Check size and sha256, then store the blob (durably) under its digest."""
+        if self._file is None:
+            raise PermanentError("finish of a finished or aborted upload")
+        try:
+            actual = self._hash.hexdigest()
+            if self._received != self.size:
+                raise ChecksumMismatchError(
+                    f"LFS object {self.sha256}",
+                    f"{self.size} bytes",
+                    f"{self._received} bytes",
+                    source="announced size",
+                    fix="upload the whole file again",
+                )
+            if actual != self.sha256:
+                raise ChecksumMismatchError(
+                    f"LFS object {self.sha256}",
+                    self.sha256,
+                    actual,
+                    source="announced sha256",
+                    fix="the bytes changed between hashing and upload (or in transit); "
+                    "upload the file again",
+                )
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            target = self._store.blob_path(self.sha256)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.replace(target)
+            self._done = True
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop what was received (idempotent; a no-op after :meth:`finish`)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self._done:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobUpload:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+def _apply(tree: dict[str, TreeEntry], change: Change, repo_id: str) -> None:
+    if isinstance(change, AddFile):
+        tree[check_repo_path(change.path)] = change.entry
+        return
+    if isinstance(change, DeleteFile):
+        if tree.pop(check_repo_path(change.path), None) is None:
+            raise EntryNotFoundError(
+                f"cannot delete {change.path}: A file with this name doesn't exist in {repo_id}",
+                fix="check the path (folders are deleted with delete_folder)",
+            )
+        return
+    prefix = check_repo_path(change.path.rstrip("/")) + "/"
+    under = [p for p in tree if p.startswith(prefix)]
+    if not under:
+        raise EntryNotFoundError(
+            f"cannot delete folder {change.path}: no file under it in {repo_id}",
+            fix="check the folder's path",
+        )
+    for p in under:
+        del tree[p]
 
 
 def _check_no_file_dir_clash(paths: list[str]) -> None:

@@ -51,6 +51,9 @@ EXPECTED: dict[str, Kind] = {
     "GatedRepoError": "permanent",
     "HubAuthError": "permanent",
     "UnsafePathError": "permanent",
+    "CommitConflictError": "permanent",
+    "EntryNotFoundError": "permanent",
+    "BlobMissingError": "permanent",
     "ChecksumMismatchError": "permanent",
     "DiskFullError": "permanent",
     # build and registry

@@ -9,12 +9,25 @@ from pathlib import Path
 import pytest
 
 from gantry.errors import (
+    BlobMissingError,
+    ChecksumMismatchError,
+    CommitConflictError,
+    EntryNotFoundError,
     PermanentError,
     RepoNotFoundError,
     RevisionNotFoundError,
     UnsafePathError,
 )
-from gantry.localhub.store import HubStore, git_blob_oid, is_lfs
+from gantry.localhub.store import (
+    AddFile,
+    DeleteFile,
+    DeleteFolder,
+    HubStore,
+    TreeEntry,
+    git_blob_oid,
+    gitattributes,
+    is_lfs,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -211,6 +224,141 @@ def test_flags_and_tokens(tmp_path: Path) -> None:
     assert store.list_repos() == [REPO]
     store.add_token("t1")
     store.add_token("t1")
-    assert store.accepted_tokens() == {"t1"}
+    assert [t.role for t in store.tokens()] == ["read"]
+    assert store.token_role("t1") == "read"
+    assert store.token_role("t2") is None
     with pytest.raises(PermanentError):
         store.add_token("has space")
+
+
+def test_tokens_keep_only_digests_and_roles(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    token = store.create_token(role="write", name="ci")
+    reader = store.create_token(role="read", name="viewer")
+    assert token != reader and len(token) > 40
+    assert store.token_role(token) == "write"
+    assert store.token_role(reader) == "read"
+    path = tmp_path / "tokens.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert token not in path.read_text() and reader not in path.read_text()
+    assert [(t.name, t.role) for t in store.tokens()] == [("ci", "write"), ("viewer", "read")]
+    assert store.remove_tokens("ci") == 1
+    assert store.token_role(token) is None
+    assert store.remove_tokens("ci") == 0
+    with pytest.raises(PermanentError, match="token name"):
+        store.create_token(role="read", name="two words")
+
+
+def test_first_token_format_still_opens_repos(tmp_path: Path) -> None:
+    # The first tokens.json: a JSON list of plain tokens, each with read access.
+    (tmp_path / "tokens.json").write_text('["old-token"]')
+    store = HubStore(tmp_path)
+    assert store.token_role("old-token") == "read"
+    writer = store.create_token(role="write", name="new")
+    assert "old-token" not in (tmp_path / "tokens.json").read_text()  # migrated to a digest
+    assert store.token_role("old-token") == "read"
+    assert store.token_role(writer) == "write"
+
+
+def test_created_repo_starts_with_gitattributes(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    assert store.create_repo(REPO, initial_files={".gitattributes": gitattributes()})
+    assert not store.create_repo(REPO, initial_files={".gitattributes": b"other"})
+    head = store.resolve(REPO, "main")
+    tree = store.tree(REPO, head)
+    assert list(tree) == [".gitattributes"]
+    with store.open_blob(tree[".gitattributes"].sha256) as f:
+        assert b"*.onnx filter=lfs diff=lfs merge=lfs -text\n" in f.read()
+    assert store.commit(REPO, head).parent is None
+
+
+def _upload(store: HubStore, data: bytes) -> TreeEntry:
+    sha = hashlib.sha256(data).hexdigest()
+    with store.receive_blob(sha, len(data)) as up:
+        up.write(data[:3])
+        up.write(data[3:])
+        up.finish()
+    return TreeEntry(sha256=sha, size=len(data), blob_oid=None, lfs=True)
+
+
+def test_received_blob_is_stored_only_when_it_hashes_right(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    good = _upload(store, b"weights" * 100)
+    assert store.has_blob(good.sha256, good.size)
+    announced = hashlib.sha256(b"the real bytes").hexdigest()
+    for sent in (b"other bytes!!!", b"the real", b"the real bytes and more"):
+        up = store.receive_blob(announced, len(b"the real bytes"))
+        with up, pytest.raises(ChecksumMismatchError) as err:
+            up.write(sent)
+            up.finish()
+        assert announced in str(err.value)
+    assert not store.blob_path(announced).exists()
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_abandoned_upload_leaves_nothing(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    data = b"x" * 1000
+    with store.receive_blob(hashlib.sha256(data).hexdigest(), len(data)) as up:
+        up.write(data[:500])  # the connection drops here: no finish()
+    assert not (tmp_path / "blobs").exists()
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_commit_changes_applies_in_order_on_the_head(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    base = store.create_commit(REPO, FILES, message="a")
+    big = _upload(store, b"\0" * 2048)
+    small = store.put_blob(b"new\n", repo_path="new.txt")
+    sha = store.commit_changes(
+        REPO,
+        [
+            DeleteFolder("sub/"),
+            DeleteFile("config.json"),
+            AddFile("weights/model.safetensors", big),
+            AddFile("new.txt", small),
+        ],
+        message="b",
+        expected_head=base,
+    )
+    commit = store.commit(REPO, sha)
+    assert commit.parent == base
+    assert sorted(commit.tree) == ["new.txt", "onnx/model.onnx", "weights/model.safetensors"]
+    assert store.resolve(REPO, "main") == sha
+    # Nothing changed: no new commit.
+    assert store.commit_changes(REPO, [AddFile("new.txt", small)], message="c") == sha
+
+
+def test_commit_changes_refusals_leave_the_branch(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    a = store.create_commit(REPO, FILES, message="a")
+    b = store.commit_changes(REPO, [DeleteFile("config.json")], message="b")
+    missing = TreeEntry(sha256="0" * 64, size=3, blob_oid=None, lfs=True)
+    with pytest.raises(CommitConflictError, match=b):
+        store.commit_changes(REPO, [DeleteFile("onnx/model.onnx")], message="c", expected_head=a)
+    with pytest.raises(EntryNotFoundError, match="doesn't exist"):
+        store.commit_changes(REPO, [DeleteFile("config.json")], message="c")
+    with pytest.raises(EntryNotFoundError):
+        store.commit_changes(REPO, [DeleteFolder("nope")], message="c")
+    with pytest.raises(BlobMissingError, match="x.bin"):
+        store.commit_changes(REPO, [AddFile("x.bin", missing)], message="c")
+    with pytest.raises(UnsafePathError):
+        store.commit_changes(REPO, [AddFile("../x", missing)], message="c")
+    with pytest.raises(UnsafePathError):
+        store.commit_changes(REPO, [AddFile("onnx/model.onnx/x", missing)], message="c")
+    with pytest.raises(RevisionNotFoundError):
+        store.commit_changes(REPO, [DeleteFile("onnx/model.onnx")], message="c", branch="dev")
+    assert store.resolve(REPO, "main") == b
+
+
+def test_delete_refs(tmp_path: Path) -> None:
+    store = HubStore(tmp_path)
+    a = store.create_commit(REPO, FILES, message="a", tags=["v1"])
+    store.set_branch(REPO, "dev", a)
+    store.delete_ref(REPO, "tag", "v1")
+    store.delete_ref(REPO, "branch", "dev")
+    assert store.refs(REPO).model_dump() == {"branches": {"main": a}, "tags": {}}
+    with pytest.raises(RevisionNotFoundError):
+        store.delete_ref(REPO, "tag", "v1")
+    with pytest.raises(PermanentError, match="default branch"):
+        store.delete_ref(REPO, "branch", "main")
