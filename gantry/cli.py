@@ -6,6 +6,7 @@
     gantry reevaluate [MODEL...] re-score the live champions; exit 1 on a regression
     gantry keys generate         create signing key pairs
     gantry env up|down|status    the embedded services (registry, hub, Prefect server)
+    gantry hub token create      a token for the local hub (--write to publish models)
     gantry serve                 Prefect server, work pool, deployments and a worker
     gantry webhook serve         the CI webhook receiver that starts `release` runs
     gantry spec-schema           the JSON schema of a release spec
@@ -270,6 +271,25 @@ def cmd_env(args: argparse.Namespace) -> int:
             print(f"service {name:<12} {state}")
         if args.action == "up":
             print(f"\nexport HF_ENDPOINT={settings.hub_url}")
+            # The local hub speaks LFS, not Xet; `hf upload` needs this to publish to it.
+            print("export HF_HUB_DISABLE_XET=1")
+    return EXIT_OK
+
+
+def cmd_hub(args: argparse.Namespace) -> int:
+    from gantry.localhub.store import HubStore
+
+    store = HubStore(get_settings().hub_dir / "store")
+    if args.action == "create":
+        # The token is printed once and only its sha256 is kept: lose it, create another.
+        print(store.create_token(role="write" if args.write else "read", name=args.name))
+    elif args.action == "list":
+        for t in store.tokens():
+            print(f"{t.name:<24} {t.role:<6} {t.created or '-'}")
+    else:
+        if not store.remove_tokens(args.name):
+            print(f"gantry: no hub token is called {args.name!r}", file=sys.stderr)
+            return EXIT_FAILED
     return EXIT_OK
 
 
@@ -506,6 +526,18 @@ def build_parser() -> argparse.ArgumentParser:
     url = esub.add_parser("url", help="print one service's address")
     url.add_argument("name", choices=["hub", "registry", "prefect", "state"])
     e.set_defaults(func=cmd_env)
+
+    h = sub.add_parser("hub", help="the local Hub endpoint's tokens")
+    hsub = h.add_subparsers(dest="thing", required=True, metavar="THING")
+    tok = hsub.add_parser("token", help="create, list or revoke tokens")
+    tsub = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = tsub.add_parser("create", help="print a new token (shown once; stored as a hash)")
+    create.add_argument("--write", action="store_true", help="may publish (default: read only)")
+    create.add_argument("--name", default="cli", help="a label for `list` and `revoke`")
+    tsub.add_parser("list", help="names, roles and creation times (never the tokens)")
+    revoke = tsub.add_parser("revoke", help="stop accepting the tokens with this name")
+    revoke.add_argument("name")
+    h.set_defaults(func=cmd_hub)
 
     rb = sub.add_parser(
         "rollback",
