@@ -37,6 +37,7 @@ from gantry.errors import (
     UnsafePathError,
 )
 from gantry.proc import redact_text
+from gantry.spec import DEFAULT_HUB_ENDPOINT
 
 try:  # huggingface_hub >= 2 speaks HTTP through httpx2, 1.x through httpx
     import httpx2
@@ -197,11 +198,19 @@ def _map_error(
     if isinstance(
         exc, (*_TRANSPORT_ERRORS, hf_errors.OfflineModeIsEnabled, ConnectionError, TimeoutError)
     ):
-        return HubUnavailableError(
-            f"cannot reach the hub at {endpoint}: {text}",
-            fix="check the endpoint is up and reachable (source.endpoint or $HF_ENDPOINT; "
-            "for the demo run `gantry env up`)",
-        )
+        if endpoint.rstrip("/") == DEFAULT_HUB_ENDPOINT:
+            # Nothing chose this endpoint: most likely a machine without internet access
+            # that was meant to use a mirror, so say which variable picks one.
+            fix = (
+                "set HF_ENDPOINT (or the spec's source.endpoint) to your Hub mirror; for the "
+                "embedded hub: `export HF_ENDPOINT=$(gantry env url hub)` after `gantry env up`"
+            )
+        else:
+            fix = (
+                "check the endpoint is up and reachable (source.endpoint or $HF_ENDPOINT; for "
+                "the embedded hub run `gantry env up`)"
+            )
+        return HubUnavailableError(f"cannot reach the hub at {endpoint}: {text}", fix=fix)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return DiskFullError(Path(exc.filename or "."))
     # The client's own size check, after its resume attempts ran out: a plain OSError whose
