@@ -59,6 +59,11 @@ class Settings(BaseModel):
         description="Downloads verified by content (wheels, base-image root filesystems, demo "
         "model wheels) (GANTRY_CACHE_DIR, default <state dir>/cache). Safe to share."
     )
+    built_wheels_dir: Path = Field(
+        description="Wheels compiled from source for runtime images (llama-cpp-python: ~5 "
+        "minutes on 2 cores), keyed by sdist hash and build settings (GANTRY_BUILT_WHEELS_DIR, "
+        "default ~/.cache/gantry/built-wheels, so fresh checkouts reuse them). Safe to share."
+    )
     docker_timeout_s: float = Field(default=600, description="Docker API call timeout.")
     token_hosts: dict[str, tuple[str, ...]] = Field(
         default_factory=dict,
@@ -67,7 +72,7 @@ class Settings(BaseModel):
         "hub2.internal;ORG_TOKEN=…`), besides huggingface.co and the host of $HF_ENDPOINT.",
     )
 
-    @field_validator("state_dir", "cache_dir")
+    @field_validator("state_dir", "cache_dir", "built_wheels_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
@@ -80,6 +85,10 @@ class Settings(BaseModel):
         return cls(
             state_dir=state_dir,
             cache_dir=Path(e.get("GANTRY_CACHE_DIR") or state_dir / "cache"),
+            built_wheels_dir=Path(
+                e.get("GANTRY_BUILT_WHEELS_DIR")
+                or Path(e.get("XDG_CACHE_HOME") or "~/.cache") / "gantry" / "built-wheels"
+            ),
             registry=_hostport(registry, "GANTRY_REGISTRY")
             if registry
             else _hostport(

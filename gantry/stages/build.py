@@ -34,7 +34,7 @@ from gantry.scratch import scratch_dir
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec
 from gantry.stages.weights import WeightsResult
-from gantry.wheelhouse import Wheelhouse
+from gantry.wheelhouse import Wheelhouse, context_lock, load_source_builds, parse_lock
 
 log = logging.getLogger("gantry.build")
 
@@ -174,12 +174,19 @@ def _dockerignored(rt: Path) -> list[str]:
     ]
 
 
-def assemble_context(rt: Path, wheels: Sequence[Path], dest: Path) -> None:
-    """Lay out the build context: Dockerfile, lock, .dockerignore, server/, wheelhouse/."""
+def assemble_context(
+    rt: Path, wheels: Sequence[Path], dest: Path, *, lock_text: str | None = None
+) -> None:
+    """Lay out the build context: Dockerfile, lock, .dockerignore, server/, wheelhouse/.
+
+    ``lock_text`` replaces the runtime's requirements.txt (pins of wheels compiled here).
+    """
     dest.mkdir(parents=True)
     for name in ("Dockerfile", "requirements.txt", ".dockerignore"):
         if (rt / name).is_file():
             shutil.copy2(rt / name, dest / name)
+    if lock_text is not None:
+        (dest / "requirements.txt").write_text(lock_text)
     if (rt / "server").is_dir():
         shutil.copytree(
             rt / "server",
@@ -191,6 +198,24 @@ def assemble_context(rt: Path, wheels: Sequence[Path], dest: Path) -> None:
         wh.mkdir()
         for w in wheels:
             os.link(w, wh / w.name)
+
+
+def prepare_context(rt: Path, settings: Settings, arch: str, dest: Path) -> None:
+    """The runtime's wheels (downloaded, or compiled once where it says so) and its build
+    context at ``dest``."""
+    lock = rt / "requirements.txt"
+    # A runtime built on a prebuilt serving image (vLLM, TEI) has no Python lock of its own.
+    if not lock.is_file():
+        assemble_context(rt, [], dest)
+        return
+    source_builds = load_source_builds(rt)
+    wheels = Wheelhouse(settings.wheelhouse_dir, settings.built_wheels_dir).ensure(
+        lock, python_version="3.11", arch=arch, source_builds=source_builds
+    )
+    pins = parse_lock(lock.read_text())
+    compiled = {r.name: w for r, w in zip(pins, wheels, strict=True) if r.name in source_builds}
+    lock_text = context_lock(lock.read_text(), compiled) if compiled else None
+    assemble_context(rt, wheels, dest, lock_text=lock_text)
 
 
 def image_labels(spec: ReleaseSpec, weights: WeightsResult, ctx_digest: str) -> dict[str, str]:
@@ -287,18 +312,10 @@ def run(
     arch = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
         str(client.info().get("Architecture")), "x86_64"
     )
-    # A runtime built on a prebuilt serving image (vLLM, TEI) has no Python lock of its own.
-    lock = rt / "requirements.txt"
-    wheels = (
-        Wheelhouse(settings.wheelhouse_dir).ensure(lock, python_version="3.11", arch=arch)
-        if lock.is_file()
-        else []
-    )
-
     # A scratch dir, so a run killed mid-build leaves no context behind for good.
     with scratch_dir(settings.build_dir, "ctx-") as work:
         ctx = work / "context"
-        assemble_context(rt, wheels, ctx)
+        prepare_context(rt, settings, arch, ctx)
         check_no_weights(ctx, manifest)
         digest_ctx = context_digest(ctx)
         labels = image_labels(spec, weights, digest_ctx)
