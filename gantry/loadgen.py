@@ -5,6 +5,7 @@ slow down exactly when the service struggles, and hide failures). Used by the ca
 and benchmarks to prove that no client request fails while traffic shifts:
 
     python -m gantry.loadgen http://127.0.0.1:8090 --rps 20 --out load.json
+    python -m gantry.loadgen http://127.0.0.1:8090 --protocol chat --model smollm2 --rps 2
 
 Runs until ``--duration`` or SIGTERM/SIGINT, then writes a JSON summary (sent, ok,
 failed, each failure, latency percentiles, and per second counts).
@@ -21,18 +22,29 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from gantry.scoring import percentiles
 
+#: Short chat answers: the load measures serving, not generation length.
+CHAT_MAX_TOKENS = 8
+
 
 class Load:
-    """Sends ``rps`` embedding requests per second to ``endpoint`` until stopped."""
+    """Sends ``rps`` embedding (or short chat) requests per second to ``endpoint``."""
 
-    def __init__(self, endpoint: str, rps: float, model: str, timeout_s: float = 30) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        rps: float,
+        model: str,
+        timeout_s: float = 30,
+        protocol: Literal["embeddings", "chat"] = "embeddings",
+    ) -> None:
         self.endpoint, self.rps, self.model = endpoint.rstrip("/"), rps, model
+        self.protocol = protocol
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self.ok = 0
@@ -47,10 +59,21 @@ class Load:
         t0 = time.monotonic()
         err: str | None = None
         try:
-            r = self._client.post(
-                f"{self.endpoint}/v1/embeddings",
-                json={"model": self.model, "input": [f"steady load request {i}"]},
-            )
+            if self.protocol == "chat":
+                r = self._client.post(
+                    f"{self.endpoint}/v1/chat/completions",
+                    json={
+                        "model": self.model,
+                        "messages": [{"role": "user", "content": f"Say hello ({i})."}],
+                        "max_tokens": CHAT_MAX_TOKENS,
+                        "temperature": 0,
+                    },
+                )
+            else:
+                r = self._client.post(
+                    f"{self.endpoint}/v1/embeddings",
+                    json={"model": self.model, "input": [f"steady load request {i}"]},
+                )
             if r.status_code != 200:
                 err = f"HTTP {r.status_code}: {r.text[:200]}"
         except httpx.HTTPError as exc:
@@ -83,6 +106,7 @@ class Load:
         p50, p95, p99 = percentiles(self.latencies_ms)
         return {
             "endpoint": self.endpoint,
+            "protocol": self.protocol,
             "rps_target": self.rps,
             "sent": i,
             "ok": self.ok,
@@ -100,12 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rps", type=float, default=20.0, help="requests per second (default 20)")
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until SIGTERM)")
     p.add_argument("--model", default="minilm", help="model name sent in the request body")
+    p.add_argument(
+        "--protocol",
+        choices=["embeddings", "chat"],
+        default="embeddings",
+        help=f"/v1/embeddings, or /v1/chat/completions with max_tokens {CHAT_MAX_TOKENS}",
+    )
     p.add_argument("--out", type=Path, help="write the JSON summary here (default: stdout)")
     p.add_argument("--ready-file", type=Path, help="touched once the first request was sent")
     args = p.parse_args(argv)
     if args.rps <= 0:
         p.error("--rps must be positive")
-    load = Load(args.endpoint, args.rps, args.model)
+    load = Load(args.endpoint, args.rps, args.model, protocol=args.protocol)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: load.stop.set())
     if args.ready_file:

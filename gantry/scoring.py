@@ -265,6 +265,8 @@ class RunnerConfig:
     timeout_s: float = 30
     attempts: int = 4
     backoff_s: float = 0.5
+    #: Chat: the most tokens one answer may take (None: the server's default).
+    max_tokens: int | None = None
     #: Only for tests: an in-process transport (e.g. httpx.MockTransport) instead of TCP.
     transport: httpx.AsyncBaseTransport | None = None
     #: Sent with every request (the canary routes its probes to one server by header).
@@ -476,6 +478,8 @@ async def _stream_chat(
         "stream": True,
         "temperature": 0,
     }
+    if cfg.max_tokens is not None:
+        body["max_tokens"] = cfg.max_tokens
     t0 = time.perf_counter()
     ttft: float | None = None
     parts: list[str] = []

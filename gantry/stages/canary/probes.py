@@ -86,6 +86,7 @@ class Prober:
             attempts=2,
             backoff_s=0.2,
             headers=self._headers(slot, "quality"),
+            max_tokens=self.spec.evaluate.max_tokens,
         )
         metric = self.spec.evaluate.metric
         if self.chat:
