@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,34 @@ def test_streams_the_answer_and_meters_ttft_and_tokens(
         samples['gantry_runtime_requests_total{endpoint="/v1/chat/completions",status="200"}'] == 2
     )
     assert samples["gantry_runtime_model_loaded"] == 1
+
+
+def test_concurrent_streams_each_get_their_whole_answer(
+    server: tuple[containers.RunningContainer, dict[str, Any], float],
+) -> None:
+    """llama.cpp serves one request at a time: the others wait, none is cut short."""
+    running, _, _ = server
+    client = OpenAI(base_url=f"{running.base_url}/v1", api_key="unused", timeout=60, max_retries=0)
+    questions = {
+        "What is the capital of Japan?": "Tokyo",
+        "What is the capital of Germany?": "Berlin",
+        "What is the capital of England?": "London",
+    }
+
+    def ask(question: str) -> str:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": question}],
+            stream=True,
+            temperature=0,
+            max_tokens=24,
+        )
+        return "".join(e.choices[0].delta.content or "" for e in stream if e.choices)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = dict(zip(questions, pool.map(ask, questions), strict=True))
+    for question, expected in questions.items():
+        assert expected in answers[question], answers
 
 
 @pytest.mark.parametrize(

@@ -182,7 +182,10 @@ def llama_loader(
         chat_format=config.chat_format,
         verbose=False,
     )
-    server = ServerSettings(host=config.host, port=config.port)
+    # interrupt_requests (on by default) ends a streaming answer with [DONE] as soon as
+    # another request waits for the model: every concurrent client but the last would get
+    # a cut (often empty) answer. Requests queue for the model instead.
+    server = ServerSettings(host=config.host, port=config.port, interrupt_requests=False)
     app: ASGIApp = create_llama_app(server_settings=server, model_settings=[model])
     gpu = config.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
     return app, "gpu" if gpu else "cpu"
