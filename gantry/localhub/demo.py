@@ -36,10 +36,11 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_session
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.hf_api import RepoFile
 from onnx import numpy_helper
@@ -288,30 +289,37 @@ def uploading(store: HubStore) -> Iterator[HfApi]:
         store.remove_tokens(name)
 
 
-_xet_lock = threading.Lock()
-_xet_users = 0
-_xet_saved = False
+#: Longest wait for any one step of a request to the local hub (connect, a socket read or
+#: write): the upload client has none of its own.
+CLIENT_TIMEOUT_S = 600.0
+
+_client_lock = threading.Lock()
+_client_users = 0
+_client_saved: tuple[bool, Any] = (False, None)
 
 
 @contextlib.contextmanager
 def _lfs_uploads() -> Iterator[None]:
     # The client uploads over Xet whenever hf_xet is installed, which the local hub does not
     # speak; its only switch is this process-wide setting (HF_HUB_DISABLE_XET). Downloads
-    # are unaffected: the client uses Xet for those only when a server offers it. Counted,
-    # so overlapping blocks (threads) restore the setting only when the last one ends.
-    global _xet_users, _xet_saved
-    with _xet_lock:
-        if _xet_users == 0:
-            _xet_saved = hf_constants.HF_HUB_DISABLE_XET
+    # are unaffected: the client uses Xet for those only when a server offers it. Its shared
+    # HTTP session waits forever by default: give it a timeout meanwhile. Counted, so that
+    # overlapping blocks (threads) restore both only when the last one ends.
+    global _client_users, _client_saved
+    with _client_lock:
+        if _client_users == 0:
+            session = get_session()
+            _client_saved = (hf_constants.HF_HUB_DISABLE_XET, session.timeout)
             hf_constants.HF_HUB_DISABLE_XET = True
-        _xet_users += 1
+            session.timeout = CLIENT_TIMEOUT_S
+        _client_users += 1
     try:
         yield
     finally:
-        with _xet_lock:
-            _xet_users -= 1
-            if _xet_users == 0:
-                hf_constants.HF_HUB_DISABLE_XET = _xet_saved
+        with _client_lock:
+            _client_users -= 1
+            if _client_users == 0:
+                hf_constants.HF_HUB_DISABLE_XET, get_session().timeout = _client_saved
 
 
 def publish_revision(

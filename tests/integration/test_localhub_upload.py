@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, get_session, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -432,3 +432,25 @@ def test_delete_folder_and_missing_file(hub: Hub, tmp_path: Path) -> None:
     }
     with pytest.raises(RemoteEntryNotFoundError, match="A file with this name doesn't exist"):
         api.delete_file("nested/deeper/notes.txt", repo_id=repo)
+
+
+def test_uploading_lends_a_writer_for_the_block_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gantry.localhub.demo import CLIENT_TIMEOUT_S, uploading
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", False)
+    store = HubStore(tmp_path / "store")
+    with uploading(store) as api:
+        assert hf_constants.HF_HUB_DISABLE_XET is True  # the local hub takes LFS only
+        assert get_session().timeout.read == CLIENT_TIMEOUT_S  # the client has none of its own
+        assert [t.role for t in store.tokens()] == ["write"]
+        api.create_repo("acme/lent")
+        api.upload_file(path_or_fileobj=b"x" * 2_000_000, path_in_repo="w.bin", repo_id="acme/lent")
+        with uploading(store):  # overlapping blocks (e.g. threads) each get their own
+            assert len(store.tokens()) == 2
+        assert hf_constants.HF_HUB_DISABLE_XET is True
+    assert hf_constants.HF_HUB_DISABLE_XET is False
+    assert get_session().timeout.read is None
+    assert store.tokens() == []
+    assert store.tree("acme/lent", store.resolve("acme/lent", "main"))["w.bin"].lfs
