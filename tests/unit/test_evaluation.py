@@ -60,6 +60,29 @@ def test_malformed_line_names_its_number(tmp_path: Path, bad: str, needle: str) 
     assert "fix: make line 3" in str(exc.value)
 
 
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ("{not json", "line 2"),
+        ('{"prompt": "What is 2 + 2?"}', "expected"),
+        ('{"prompt": "q", "expected": "4", "match": "fuzzy"}', "match"),
+    ],
+)
+def test_malformed_chat_line_names_its_number(tmp_path: Path, bad: str, needle: str) -> None:
+    p = write(tmp_path, '{"prompt": "What is 2 + 2?", "expected": "4"}', bad)
+    with pytest.raises(EvalSetError) as exc:
+        ev.load_chat_set(p)
+    assert f"{p}:2:" in str(exc.value) and needle in str(exc.value)
+    assert "fix: make line 2 one JSON object with the fields prompt, expected, match" in str(
+        exc.value
+    )
+
+
+def test_the_chat_demo_set_is_valid() -> None:
+    items = ev.load_chat_set(DEMO_SET.with_name("smollm2-chat.jsonl"))
+    assert len(items) == 20 and len({i.prompt for i in items}) == 20
+
+
 def test_empty_set_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(EvalSetError, match="holds no items"):
         ev.load_retrieval_set(write(tmp_path, "", "  "))
@@ -273,6 +296,7 @@ def chat_handler(request: httpx.Request) -> httpx.Response:
     assert request.url.path == "/v1/chat/completions"
     body = json.loads(request.content)
     assert body["stream"] is True
+    assert body["max_tokens"] == 32  # answers are bounded: a rambling model cannot time out
     prompt = body["messages"][0]["content"]
     n = int(prompt.split()[2])
     chunks = [
@@ -293,7 +317,7 @@ def test_run_chat_streams_scores_and_measures_ttft() -> None:
         ev.ChatItem(prompt="what is 3 + 3?", expected="It is 6", match="exact"),
         ev.ChatItem(prompt="what is 5 + 5?", expected=r"\b11\b", match="regex"),
     ]
-    cfg = ev.RunnerConfig(model="m", transport=httpx.MockTransport(chat_handler))
+    cfg = ev.RunnerConfig(model="m", transport=httpx.MockTransport(chat_handler), max_tokens=32)
     out = asyncio.run(ev.run_chat("http://test/v1", items, cfg, "contains"))
     assert out.scores["accuracy"] == pytest.approx(2 / 3)
     assert [r["answer"] for r in out.rows] == ["It is 4", "It is 6", "It is 10"]
