@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,3 +185,60 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         yield PrefectServer(api_url=settings.prefect_api_url, state_dir=state)
     finally:
         service.stop()
+
+
+def gantry_popen(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """`gantry ARGS` in a process of its own (and its own process group, to kill it whole)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gantry.cli", *args],
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
+
+
+def gantry_release(
+    env: dict[str, str], spec: Path, timeout: float = 900
+) -> tuple[int, dict[str, Any], str]:
+    """`gantry release SPEC`: its exit code, the release record it printed, its stderr."""
+    proc = gantry_popen(env, "release", str(spec))
+    out, err = proc.communicate(timeout=timeout)
+    record = json.loads(Path(out.strip().splitlines()[-1]).read_text())
+    return proc.returncode, record, err
+
+
+class SteadyLoad:
+    """`python -m gantry.loadgen` in a process of its own."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        out: Path,
+        rps: float = 20,
+        *,
+        protocol: str = "embeddings",
+        model: str = "minilm",
+    ) -> None:
+        self.out = out
+        self.started = time.time()
+        ready = out.with_suffix(".ready")
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "gantry.loadgen", endpoint, "--rps", str(rps)),
+                *("--protocol", protocol, "--model", model),
+                *("--out", str(out), "--ready-file", str(ready)),
+            ],
+            cwd=REPO_ROOT,
+        )
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the load generator did not start"
+            time.sleep(0.1)
+
+    def stop(self) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        return dict(json.loads(self.out.read_text()))

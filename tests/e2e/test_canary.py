@@ -21,7 +21,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
+from tests.support import REPO_ROOT, GantryEnv, SteadyLoad, embedded_prefect
+from tests.support import gantry_popen as _popen
+from tests.support import gantry_release as _release
 
 pytestmark = pytest.mark.e2e
 
@@ -67,27 +69,6 @@ def _spec(tmp_path: Path, name: str, revision: str, **canary: Any) -> Path:
     return path
 
 
-def _popen(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gantry.cli", *args],
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO_ROOT,
-        start_new_session=True,  # so the whole process group can be killed
-    )
-
-
-def _release(
-    env: dict[str, str], spec: Path, timeout: float = 900
-) -> tuple[int, dict[str, Any], str]:
-    proc = _popen(env, "release", str(spec))
-    out, err = proc.communicate(timeout=timeout)
-    record = json.loads(Path(out.strip().splitlines()[-1]).read_text())
-    return proc.returncode, record, err
-
-
 def _status(gantry_env: GantryEnv) -> dict[str, Any]:
     (path,) = (gantry_env.state_dir / "deployments").glob(f"gantry-{MODEL}-*/status.json")
     return dict(json.loads(path.read_text()))
@@ -131,31 +112,6 @@ def _weights(gantry_env: GantryEnv) -> dict[str, int]:
         client.close()
     assert path is not None, "the router has no runtime API socket mounted"
     return RuntimeAPI(path).weights()
-
-
-class SteadyLoad:
-    """`python -m gantry.loadgen` in a process of its own."""
-
-    def __init__(self, endpoint: str, out: Path, rps: float = 20) -> None:
-        self.out = out
-        self.started = time.time()
-        ready = out.with_suffix(".ready")
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "gantry.loadgen", endpoint, "--rps", str(rps)),
-                *("--out", str(out), "--ready-file", str(ready)),
-            ],
-            cwd=REPO_ROOT,
-        )
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert time.monotonic() < deadline, "the load generator did not start"
-            time.sleep(0.1)
-
-    def stop(self) -> dict[str, Any]:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-        return dict(json.loads(self.out.read_text()))
 
 
 def _wait_phase(gantry_env: GantryEnv, phase: str, timeout: float = 600) -> dict[str, Any]:
