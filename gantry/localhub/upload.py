@@ -35,7 +35,9 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -80,9 +82,11 @@ UPLOAD_LINK_TTL_S = 3600
 #: Longest NDJSON line of a commit. Regular files are at most 1 MiB (larger ones go to
 #: LFS), so a line is at most ~1.4 MiB of base64; the margin is for copies of bigger ones.
 MAX_COMMIT_LINE = 16 * 2**20
-#: Body bytes handed to the writer thread at once: large enough that thread hand-offs cost
-#: nothing next to hashing them, small enough to bound what one upload holds in memory.
-_WRITE_BATCH = 8 * 2**20
+#: Body bytes handed to an upload's writer thread at once, and how many such batches may
+#: wait for it: hand-offs cost nothing next to hashing the bytes, and an upload holds at
+#: most 16 MiB in memory.
+_WRITE_BATCH = 4 * 2**20
+_BATCHES_IN_FLIGHT = 4
 _LFS_JSON = "application/vnd.git-lfs+json"
 _CONFLICT = "A commit has happened since. Please refresh and try again."
 _NO_XET = (
@@ -554,35 +558,41 @@ class Uploads:
 async def _stream_into(request: Request, upload: BlobUpload) -> None:
     """Write the request body into ``upload`` and finish it.
 
-    The event loop only reads the socket; batches of the body are hashed and written by a
-    worker thread meanwhile (hashlib and file writes release the GIL), one batch in flight,
-    so receiving and storing overlap instead of taking turns.
+    The event loop only reads the socket; batches of the body are hashed and written in
+    order by a thread of this upload's own meanwhile (hashlib and file writes release the
+    GIL), a few batches ahead at most, so receiving and storing overlap instead of taking
+    turns, and memory stays bounded.
     """
     loop = asyncio.get_running_loop()
-    inflight: asyncio.Future[None] | None = None
+    inflight: deque[asyncio.Future[None]] = deque()
     batch: list[bytes] = []
     batched = 0
-    try:
-        async for chunk in request.stream():
-            batch.append(chunk)
-            batched += len(chunk)
-            if batched >= _WRITE_BATCH:
-                if inflight is not None:
-                    await inflight
-                inflight = loop.run_in_executor(None, _write_all, upload, batch)
-                batch, batched = [], 0
-        if inflight is not None:
-            await inflight
-    except BaseException:
-        if inflight is not None:
-            # Let the worker stop before abort() removes the file it writes to.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfs-upload") as writer:
+        try:
+            async for chunk in request.stream():
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    if len(inflight) >= _BATCHES_IN_FLIGHT:
+                        await inflight.popleft()
+                    inflight.append(loop.run_in_executor(writer, _write_all, upload, batch))
+                    batch, batched = [], 0
+            inflight.append(loop.run_in_executor(writer, _write_all, upload, batch))
+            inflight.append(loop.run_in_executor(writer, upload.finish))
+            while inflight:
+                await inflight.popleft()
+        except BaseException:
+            # Let the writer stop before abort() removes the file it writes to; the error
+            # being raised is the one to report, so the writer's own ones are only seen.
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([inflight])
-            if not inflight.cancelled():
-                inflight.exception()  # seen: the error being raised is the one to report
-        raise
-    await anyio.to_thread.run_sync(_write_all, upload, batch)
-    await anyio.to_thread.run_sync(upload.finish)
+                for future in inflight:
+                    future.cancel()
+                if inflight:
+                    await asyncio.wait(inflight)
+            for future in inflight:
+                if not future.cancelled():
+                    future.exception()
+            raise
 
 
 def _write_all(upload: BlobUpload, chunks: list[bytes]) -> None:
