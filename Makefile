@@ -55,6 +55,11 @@ serve: env ## Prefect server + work pool + prefect.yaml's deployments + a worker
 demo-canary: env ## after `make demo`: a good candidate promoted, the degraded one rolled back
 	bash scripts/demo-canary.sh
 
+.PHONY: demo-chat
+demo-chat: env ## a chat LLM (SmolLM2-135M, llama.cpp) through all eight stages; its degraded revision rolled back
+	$(VENV)/bin/python -m gantry.localhub assemble-chat-demo
+	bash scripts/demo-canary.sh examples/smollm2-chat.yaml examples/smollm2-degraded.yaml
+
 .PHONY: lint
 lint: venv ## ruff (lint + format check) and mypy
 	$(VENV)/bin/ruff check .

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# After `make demo`: release a second good revision (promoted by the canary), then the
-# degraded variant, which the canary must catch and roll back. Exits 0 only when both
+# Release a good revision (promoted by the canary, or deployed as the first champion), then
+# a degraded one, which the canary must catch and roll back. Exits 0 only when both
 # happened as they should; prints both record paths.
+#
+#   scripts/demo-canary.sh [GOOD_SPEC DEGRADED_SPEC]
+#
+# Defaults: after `make demo`, MiniLM's v2 then its degraded revision (`make demo-canary`).
+# `make demo-chat` runs it with the SmolLM2 chat specs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GANTRY=.venv/bin/gantry
+GOOD_SPEC=${1:-examples/minilm-demo-v2.yaml}
+DEGRADED_SPEC=${2:-examples/minilm-degraded.yaml}
 HF_ENDPOINT="$($GANTRY env url hub)"
 export HF_ENDPOINT
 
-good=$($GANTRY release examples/minilm-demo-v2.yaml | tail -n 1)
+good=$($GANTRY release "$GOOD_SPEC" | tail -n 1)
 echo "promoted: $good"
 
 set +e
-bad=$($GANTRY release examples/minilm-degraded.yaml | tail -n 1)
+bad=$($GANTRY release "$DEGRADED_SPEC" | tail -n 1)
 rc=$?
 set -e
 echo "degraded: $bad"
