@@ -4,6 +4,7 @@ shared :class:`Context` and returns (its JSON results, its table rows)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +362,91 @@ def hashing(ctx: Context) -> Measured:
             per_core,
             ">= 0.9",
             per_core >= 0.9,
+        )
+    ]
+
+
+# --- hub upload ---------------------------------------------------------------------------
+
+
+def hub_upload(ctx: Context) -> Measured:
+    """Publishing a 1 GiB file to the local hub (HfApi.upload_file: the client's sha256,
+    preupload, LFS batch, the PUT the hub hashes and stores durably, the commit) vs `cp` of
+    the same file to a new directory on the same filesystem; alternated, page cache warm.
+    For context, also the client's own sha256 pass (done before its first byte is sent) and
+    `cp` followed by `sync` of the copy (durable, as the hub's copy is)."""
+    from huggingface_hub.utils.tqdm import disable_progress_bars
+
+    from gantry.localhub.demo import uploading
+    from gantry.localhub.store import HubStore
+    from gantry.manifest import sha256_file
+
+    disable_progress_bars()
+    size = 2**30
+    cp_s: list[float] = []
+    cp_sync_s: list[float] = []
+    hash_s: list[float] = []
+    up_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="hub-upload-", dir=ctx.bench.state) as tmp:
+        base = Path(tmp)
+        src = base / "model.safetensors"
+        digest = hashlib.sha256()
+        with src.open("wb") as f:
+            for _ in range(size // (64 * 2**20)):
+                chunk = os.urandom(64 * 2**20)
+                digest.update(chunk)
+                f.write(chunk)
+        for i in range(ctx.repeat):
+            dest = base / f"cp-{i}"
+            dest.mkdir()
+            argv = ["cp", str(src), str(dest)]
+            cp_s.append(timed(partial(subprocess.run, argv, check=True, timeout=600)))
+            shutil.rmtree(dest)
+            dest.mkdir()
+            durable = ["sh", "-c", 'cp "$0" "$1" && sync "$1"/*', str(src), str(dest)]
+            cp_sync_s.append(timed(partial(subprocess.run, durable, check=True, timeout=600)))
+            shutil.rmtree(dest)
+            hash_s.append(timed(partial(sha256_file, src)))
+            store = HubStore(base / f"store-{i}")  # fresh: the blob is not known yet
+            with uploading(store) as api:
+                api.create_repo("bench/upload")
+                upload = partial(
+                    api.upload_file,
+                    path_or_fileobj=src,
+                    path_in_repo="model.safetensors",
+                    repo_id="bench/upload",
+                )
+                up_s.append(timed(upload))
+            assert store.has_blob(digest.hexdigest(), size)
+            shutil.rmtree(store.root)
+    cp, up = median(cp_s), median(up_s)
+    ratio = round(cp / up, 3)
+    print(
+        f"cp {cp:.2f} s (with sync {median(cp_sync_s):.2f} s), hub upload {up:.2f} s "
+        f"({size / 2**20 / up:.0f} MiB/s; the client's sha256 pass alone "
+        f"{median(hash_s):.2f} s): {ratio}"
+    )
+    data = {
+        "bytes": size,
+        "cp_s": [round(x, 3) for x in cp_s],
+        "cp_sync_s": [round(x, 3) for x in cp_sync_s],
+        "client_sha256_s": [round(x, 3) for x in hash_s],
+        "upload_s": [round(x, 3) for x in up_s],
+        "cp_median_s": round(cp, 3),
+        "cp_sync_median_s": round(median(cp_sync_s), 3),
+        "client_sha256_median_s": round(median(hash_s), 3),
+        "upload_median_s": round(up, 3),
+        "upload_mib_s": round(size / 2**20 / up, 1),
+        "ratio": ratio,
+    }
+    return data, [
+        Row(
+            "1 GiB: `cp` / hub upload (HfApi.upload_file) (s)",
+            round(cp, 2),
+            round(up, 2),
+            ratio,
+            ">= 0.5",
+            ratio >= 0.5,
         )
     ]
 

@@ -14,6 +14,7 @@ ports; wheels and base images from the shared cache, as in any second run):
   smoke          the smoke stage vs the cold start it measured (from the releases above)
   build          code-only rebuild vs cold build; image size vs a naive single-stage build
   hashing        sha256 of the weights stage vs `sha256sum` on the same files, per core
+  hub_upload     a 1 GiB upload to the local hub (HfApi.upload_file) vs `cp` of the file
   evaluate       requests/s of `evaluate` vs `wrk` on the same endpoint and requests
   canary         failing check -> weight 0; a good canary vs the sum of its windows
 """
@@ -31,7 +32,16 @@ sys.path.insert(0, str(ROOT))
 from bench import canary, measures  # noqa: E402 - after the path is set
 from bench.common import Row, bench_env, report, splice_readme  # noqa: E402
 
-ORDER = ("resume", "orchestration", "smoke", "build", "hashing", "evaluate", "canary")
+ORDER = (
+    "resume",
+    "orchestration",
+    "smoke",
+    "build",
+    "hashing",
+    "hub_upload",
+    "evaluate",
+    "canary",
+)
 
 
 def main() -> None:
