@@ -17,6 +17,7 @@ ports; wheels and base images from the shared cache, as in any second run):
   hub_upload     a 1 GiB upload to the local hub (HfApi.upload_file) vs `cp` of the file
   evaluate       requests/s of `evaluate` vs `wrk` on the same endpoint and requests
   canary         failing check -> weight 0; a good canary vs the sum of its windows
+  chat           chat TTFT (SmolLM2 on llama.cpp) through the router vs to its server
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import canary, measures  # noqa: E402 - after the path is set
+from bench import canary, chat, measures  # noqa: E402 - after the path is set
 from bench.common import Row, bench_env, report, splice_readme  # noqa: E402
 
 ORDER = (
@@ -41,7 +42,10 @@ ORDER = (
     "hub_upload",
     "evaluate",
     "canary",
+    "chat",
 )
+#: Measures that live in modules of their own.
+MODULES = {"canary": canary.measure, "chat": chat.measure}
 
 
 def main() -> None:
@@ -66,7 +70,7 @@ def main() -> None:
             if name not in only:
                 continue
             print(f"--- {name}", flush=True)
-            fn = canary.measure if name == "canary" else getattr(measures, name)
+            fn = MODULES.get(name) or getattr(measures, name)
             data, new_rows = fn(ctx)
             results[name] = data
             rows += new_rows
