@@ -257,6 +257,7 @@ def test_router_config_routes_by_weight_and_probe_header() -> None:
     assert at == sorted(at)
     assert "http-check send meth GET uri /health" in text
     assert "retry-on conn-failure empty-response" in text
+    assert "option http-no-delay" in text  # streamed tokens are forwarded as they come
     assert "option redispatch" in text
     with pytest.raises(ValueError, match="0-100"):
         render_config(
