@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 
 BACKEND = "model"
 FRONTEND_PORT = 8080
-CONFIG_PATH = "/usr/local/etc/haproxy/haproxy.cfg"
+#: The router's configuration directory (a read-only bind mount of a host directory) and
+#: the file in it HAProxy is started with.
+CONFIG_DIR = "/usr/local/etc/haproxy"
+CONFIG_PATH = f"{CONFIG_DIR}/haproxy.cfg"
 #: Where the router's runtime API socket lives inside its container: a bind mount of a
 #: host directory that no model server mounts (the network reaches no admin listener).
 ADMIN_DIR = "/run/gantry"

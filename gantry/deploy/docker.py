@@ -4,9 +4,11 @@ Per model: a private network ``<name>``, the router ``<name>-router`` (HAProxy f
 Debian's package, in the locally built ``haproxy:2.6-bookworm`` image) publishing the
 model's endpoint on 127.0.0.1, and up to two servers ``<name>-a`` / ``<name>-b`` run
 hardened by digest. The router finds the servers by name through Docker's DNS; weights
-change through its runtime API, a unix socket in ``<deployment dir>/router-admin/``, the
-one directory mounted into the router and no model server. Gantry's probes carry the
-deployment's probe token (``<deployment dir>/probe-token``, 0600).
+change through its runtime API, a unix socket in ``<deployment dir>/router-admin/``,
+mounted into the router and no model server, as is its configuration directory
+``<deployment dir>/router-config/`` (read-only; a directory, so a rewritten file reaches
+a reload). Gantry's probes carry the deployment's probe token
+(``<deployment dir>/probe-token``, 0600).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gantry.adapters.docker_engine import DockerClient
 from gantry.adapters.haproxy import (
     ADMIN_DIR,
     ADMIN_SOCKET,
+    CONFIG_DIR,
     CONFIG_PATH,
     FRONTEND_PORT,
     AccessRecord,
@@ -116,11 +119,13 @@ class DockerTarget:
         api_timeout_s: float = 5.0,
     ) -> None:
         self.client, self.model, self.name = client, model, name
-        self.config_path, self.runtime_port, self.health_path = (
-            config_path,
-            runtime_port,
-            health_path,
-        )
+        #: The deployment's own directory: runtime API socket, probe token, load marker.
+        self.deployment_dir = config_path.parent
+        # The router mounts the configuration's *directory*: a bind-mounted file pins its
+        # inode, and the atomic rewrite (a rename) would never reach a running router,
+        # whose reload would read the old file again.
+        self.config_path = config_path.parent / "router-config" / config_path.name
+        self.runtime_port, self.health_path = runtime_port, health_path
         self.port = port
         self._ensure_router_image = ensure_router_image
         self._api_timeout_s = api_timeout_s
@@ -168,6 +173,8 @@ class DockerTarget:
         text = render_config(self._config(weights))
         # HAProxy runs as its own non-root user inside the container: world-readable. The
         # deployment's directory (0700 under the state dir) keeps other users out.
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.parent.chmod(0o755)
         write_atomic(self.config_path, text, mode=0o644)
 
     def _config(self, weights: Mapping[Slot, int] | None = None) -> RouterConfig:
@@ -182,7 +189,7 @@ class DockerTarget:
     @property
     def admin_dir(self) -> Path:
         """The host directory holding the runtime API socket (mounted into the router)."""
-        return self.config_path.parent / "router-admin"
+        return self.deployment_dir / "router-admin"
 
     def _ensure_admin_dir(self) -> None:
         self.admin_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +200,7 @@ class DockerTarget:
     @functools.cached_property
     def probe_token(self) -> str:
         """The deployment's probe token, made once and kept (0600) beside its config."""
-        path = self.config_path.parent / "probe-token"
+        path = self.deployment_dir / "probe-token"
         with contextlib.suppress(FileNotFoundError):
             token = path.read_text().strip()
             if len(token) == 64:
@@ -228,9 +235,11 @@ class DockerTarget:
         if existing is not None and (
             "-W" not in (existing.attrs.get("Config", {}).get("Cmd") or [])
             or admin_socket_of(existing.attrs) != self.admin_dir / ADMIN_SOCKET
+            or config_dir_of(existing.attrs) != self.config_path.parent
         ):
             # Not in master-worker mode (dev builds), or a router of a Gantry whose runtime API
-            # listened on the network: it cannot be reloaded into this one, so replace it.
+            # listened on the network or whose configuration was a mounted file: it cannot
+            # be reloaded into this one, so replace it.
             log.warning("router %s cannot reload its configuration; replacing it", self.router_name)
             with contextlib.suppress(docker.errors.NotFound):
                 existing.remove(force=True)
@@ -290,7 +299,7 @@ class DockerTarget:
                 nano_cpus=1_000_000_000,
                 pids_limit=256,
                 volumes={
-                    str(self.config_path): {"bind": CONFIG_PATH, "mode": "ro"},
+                    str(self.config_path.parent): {"bind": CONFIG_DIR, "mode": "ro"},
                     str(self.admin_dir): {"bind": ADMIN_DIR, "mode": "rw"},
                 },
                 ports={f"{FRONTEND_PORT}/tcp": port_binding},
@@ -337,7 +346,7 @@ class DockerTarget:
     @property
     def _loaded_marker(self) -> Path:
         """Holds the template the running router was started (or reloaded) with."""
-        return self.config_path.with_name(self.config_path.name + ".loaded")
+        return self.deployment_dir / (self.config_path.name + ".loaded")
 
     @property
     def _template(self) -> str:
@@ -521,6 +530,14 @@ class RunningVersion:
     release_id: str
     image: str
     slot: Slot
+
+
+def config_dir_of(router_attrs: Mapping[str, Any]) -> Path | None:
+    """The host directory a router container reads its configuration from (None: none)."""
+    for m in router_attrs.get("Mounts") or []:
+        if m.get("Destination") == CONFIG_DIR and m.get("Source"):
+            return Path(m["Source"])
+    return None
 
 
 def admin_socket_of(router_attrs: Mapping[str, Any]) -> Path | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gantry.adapters.haproxy import Slot
+from gantry.adapters.haproxy import CONFIG_PATH, Slot
 from gantry.deploy.docker import DockerTarget
 from gantry.errors import RouterError, RouterUnavailableError
 from tests.support import SHARED_CACHE, GantryEnv
@@ -60,14 +60,20 @@ def test_weights_change_live_and_survive_a_reload(make_target: object) -> None:
     target.set_weights({Slot.A: 30, Slot.B: 70})
     assert target.current_weights() == {Slot.A: 30, Slot.B: 70}
     assert "weight 70" in target.config_path.read_text()  # a restart would keep them
-    # An older configuration is reloaded in place (SIGUSR2 to HAProxy's master).
-    marker = target.config_path.with_name("haproxy.cfg.loaded")
+    # An older configuration is reloaded in place (SIGUSR2 to HAProxy's master), and the
+    # router reads the file as rewritten (a bind-mounted file would show it the old one).
+    marker = target.deployment_dir / "haproxy.cfg.loaded"
     marker.write_text("an older template")
-    router_id = target.client.containers.get(target.router_name).id
+    router = target.client.containers.get(target.router_name)
+    target.config_path.write_text(target.config_path.read_text() + "# stale\n")
+    old_inode = target.config_path.stat().st_ino
     target.ensure({Slot.A: 100})
-    assert target.client.containers.get(target.router_name).id == router_id
+    assert target.config_path.stat().st_ino != old_inode  # rewritten by rename
+    assert target.client.containers.get(target.router_name).id == router.id
     assert target.current_weights() == {Slot.A: 30, Slot.B: 70}
     assert marker.read_text() != "an older template"
+    seen = router.exec_run(["cat", CONFIG_PATH]).output.decode()
+    assert seen == target.config_path.read_text() and "# stale" not in seen
     with pytest.raises(ValueError, match="at least one slot"):
         target.set_weights({Slot.A: 0, Slot.B: 0})
 
