@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from gantry.proc import pid_alive
@@ -21,14 +22,25 @@ from gantry.proc import pid_alive
 
 def sweep_stale(path: Path) -> list[Path]:
     """Remove the temp files of ``path`` left by writers that have died; those removed."""
+    return _sweep(path.parent, lambda base: base == f".{path.name}")
+
+
+def sweep_stale_prefix(directory: Path, prefix: str) -> list[Path]:
+    """Remove the temp files in ``directory`` of any file named ``prefix*`` whose writers
+    have died: for files no later write reuses the name of (each run's own record has a
+    name of its own, so its next write never comes to sweep it); those removed."""
+    return _sweep(directory, lambda base: base.startswith(f".{prefix}"))
+
+
+def _sweep(directory: Path, wanted: Callable[[str], bool]) -> list[Path]:
     removed = []
-    prefix = f".{path.name}."
     with contextlib.suppress(FileNotFoundError):
-        for tmp in path.parent.iterdir():
-            name = tmp.name
-            if not (name.startswith(prefix) and name.endswith(".tmp")):
+        for tmp in directory.iterdir():
+            # .<name>.<pid>.<random>.tmp, see write_atomic
+            parts = tmp.name.removesuffix(".tmp").rsplit(".", 2)
+            if not tmp.name.endswith(".tmp") or len(parts) != 3 or not wanted(parts[0]):
                 continue
-            pid = name[len(prefix) :].split(".", 1)[0]
+            pid = parts[1]
             if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)

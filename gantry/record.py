@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 
 import gantry
-from gantry.atomicfile import point_atomic, private_dir, write_atomic
+from gantry.atomicfile import point_atomic, private_dir, sweep_stale_prefix, write_atomic
 from gantry.errors import ReleaseInProgressError
 from gantry.locks import exclusive
 from gantry.proc import REDACTED, SECRET_NAME, redact_text
@@ -166,6 +166,9 @@ class Recorder:
         private_dir(releases_dir)
         self.previous: ReleaseRecord | None = None
         self._history = private_dir(self.path.parent / "history")
+        # A run killed while writing its own record leaves that file's temp behind, and no
+        # later write of the same name comes to sweep it: this release's next run does.
+        sweep_stale_prefix(self._history, f"{self.path.stem}.")
         self._archived: Path | None = None
         if self.path.exists():
             try:

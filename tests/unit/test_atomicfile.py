@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gantry.atomicfile import sweep_stale, write_atomic
+from gantry.atomicfile import sweep_stale, sweep_stale_prefix, write_atomic
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +72,21 @@ def test_a_killed_writers_temp_file_is_swept_and_a_live_ones_is_not(tmp_path: Pa
         alive.kill()
         alive.wait(timeout=30)
     assert sweep_stale(path) == [alive_tmp]
+
+
+def test_a_killed_runs_own_record_temp_is_swept_by_the_next_run(tmp_path: Path) -> None:
+    """Each run's record has a name of its own (its start time), so no later write of that
+    name comes to sweep its temp file: the release's next run sweeps them by prefix."""
+    mine, other = tmp_path / "rel-a.20261207T035651.1.json", tmp_path / "rel-b.2026.json"
+    dead, dead_tmp = _stuck_writer(mine)
+    dead_other, other_tmp = _stuck_writer(other)
+    alive, alive_tmp = _stuck_writer(tmp_path / "rel-a.20261207T040000.2.json")
+    try:
+        for proc in (dead, dead_other):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert sweep_stale_prefix(tmp_path, "rel-a.") == [dead_tmp]
+        assert other_tmp.is_file() and alive_tmp.is_file()  # another release's; a live one
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
