@@ -16,7 +16,6 @@ as a user's model would; re-running changes nothing when the tags already hold t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import zipfile
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from gantry.errors import ChecksumMismatchError
 from gantry.localhub.demo import Wheel, fetch_wheels, publish_revision, uploading
 from gantry.localhub.store import HubStore
+from gantry.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,12 @@ def degrade_gguf(path: Path, *, sigma: float = DEGRADE_SIGMA, seed: int = DEGRAD
 
 
 def _check(what: str, path: Path, expected: str) -> None:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() != expected:
+    actual = sha256_file(path)
+    if actual != expected:
         raise ChecksumMismatchError(
             what,
             expected,
-            h.hexdigest(),
+            actual,
             source="pinned sha256",
             fix="install the numpy and gguf versions from uv.lock (`uv sync`); the demo must "
             "produce the same bytes on every machine",
