@@ -3,6 +3,8 @@
 #
 #   debootstrap      builds the local stand-ins for the base images (gantry.localenv.baseimages)
 #   docker-registry  the distribution registry v2 binary Gantry runs as its embedded registry
+#   prometheus       the metrics server Gantry runs as its embedded Prometheus (the canary's
+#                    checks are PromQL queries over what it scrapes)
 #   wrk              the load generator of the benchmarks
 #   chromium         the browser test of the Prefect UI's run form (tests/e2e/test_ui_release.py)
 #   chromium-driver  chromedriver for that test (Selenium drives Debian's chromium through it)
@@ -16,9 +18,13 @@
 # init system starts it. Gantry never uses that instance: it runs its own registry process
 # on another port (GANTRY_LOCAL_REGISTRY_ADDR, default 127.0.0.1:5075), so a system one is
 # harmless; `systemctl disable --now docker-registry` stops it if the port is wanted.
+# Likewise the prometheus package ships a service that listens on :9090 when the init system
+# starts it. Gantry never uses it either: it runs its own Prometheus, with its own
+# configuration and data under the state dir, on GANTRY_PROMETHEUS_ADDR (default
+# 127.0.0.1:5077); `systemctl disable --now prometheus` stops the system one.
 set -euo pipefail
 
-PACKAGES=(debootstrap docker-registry wrk chromium chromium-driver libssl-dev pkg-config)
+PACKAGES=(debootstrap docker-registry prometheus wrk chromium chromium-driver libssl-dev pkg-config)
 
 say() { printf 'install-system-deps: %s\n' "$*"; }
 
