@@ -24,6 +24,19 @@ def _hostport(value: str, var: str) -> str:
     return value
 
 
+def _url(value: str, var: str) -> str | None:
+    """An http(s) base URL without a trailing slash, or None when unset."""
+    value = value.strip().rstrip("/")
+    if not value:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        raise ConfigError(
+            f"{var} is not an http(s) URL", fix=f"e.g. {var}=http://prometheus.internal:9090"
+        )
+    return value
+
+
 def _token_hosts(value: str) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for part in filter(None, (p.strip() for p in value.split(";"))):
@@ -51,6 +64,20 @@ class Settings(BaseModel):
     registry_is_local: bool = Field(description="Whether Gantry runs the registry itself.")
     hub_addr: str = Field(description="HOST:PORT of the embedded Hub endpoint (GANTRY_HUB_ADDR).")
     prefect_port: int = Field(description="Port of the embedded Prefect server.")
+    prometheus_addr: str = Field(
+        default="127.0.0.1:5077",
+        description="HOST:PORT the embedded Prometheus listens on (GANTRY_PROMETHEUS_ADDR).",
+    )
+    prometheus_external_url: str | None = Field(
+        default=None,
+        description="URL of a Prometheus Gantry uses instead of running its own "
+        "(GANTRY_PROMETHEUS_URL); it must scrape Gantry's exporter and the file-SD targets "
+        "under scrape_targets_dir itself.",
+    )
+    exporter_addr: str = Field(
+        default="127.0.0.1:5078",
+        description="HOST:PORT Gantry's own metrics exporter listens on (GANTRY_EXPORTER_ADDR).",
+    )
     worker_port: int = Field(
         default=4277,
         description="Port of the local Prefect worker's health endpoint (GANTRY_WORKER_PORT).",
@@ -97,6 +124,15 @@ class Settings(BaseModel):
             registry_is_local=not registry,
             hub_addr=_hostport(e.get("GANTRY_HUB_ADDR", "127.0.0.1:5076"), "GANTRY_HUB_ADDR"),
             prefect_port=int(e.get("GANTRY_PREFECT_PORT", "4275")),
+            prometheus_addr=_hostport(
+                e.get("GANTRY_PROMETHEUS_ADDR", "127.0.0.1:5077"), "GANTRY_PROMETHEUS_ADDR"
+            ),
+            prometheus_external_url=_url(
+                e.get("GANTRY_PROMETHEUS_URL", ""), "GANTRY_PROMETHEUS_URL"
+            ),
+            exporter_addr=_hostport(
+                e.get("GANTRY_EXPORTER_ADDR", "127.0.0.1:5078"), "GANTRY_EXPORTER_ADDR"
+            ),
             worker_port=int(e.get("GANTRY_WORKER_PORT", "4277")),
             token_hosts=_token_hosts(e.get("GANTRY_TOKEN_HOSTS", "")),
         )
@@ -145,6 +181,26 @@ class Settings(BaseModel):
     @cached_property
     def webhook_dir(self) -> Path:
         return self.state_dir / "webhook"
+
+    @cached_property
+    def prometheus_dir(self) -> Path:
+        """The embedded Prometheus's configuration and TSDB (``data/``)."""
+        return self.state_dir / "prometheus"
+
+    @cached_property
+    def scrape_targets_dir(self) -> Path:
+        """File service discovery: one JSON target-group file per deployment, written by the
+        exporter, read by Prometheus (``file_sd_configs``)."""
+        return self.prometheus_dir / "targets"
+
+    @property
+    def prometheus_is_local(self) -> bool:
+        """Whether Gantry runs Prometheus itself (no GANTRY_PROMETHEUS_URL)."""
+        return self.prometheus_external_url is None
+
+    @property
+    def prometheus_url(self) -> str:
+        return self.prometheus_external_url or f"http://{self.prometheus_addr}"
 
     @property
     def hub_url(self) -> str:
