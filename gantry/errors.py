@@ -446,6 +446,39 @@ class EndpointResponseError(PermanentError):
     """The served endpoint refused a request (4xx) or answered outside the protocol."""
 
 
+# --- metrics (Prometheus) -------------------------------------------------------------------
+# Raised by gantry.adapters.prometheus.
+
+
+class PrometheusError(GantryError):
+    """Base of errors from Prometheus; never raised itself (each cause has a class)."""
+
+
+class PrometheusUnavailableError(PrometheusError, TransientError):
+    """Prometheus did not answer in time, refused the connection, is not ready yet (503) or
+    answered 5xx."""
+
+    fix = (
+        "start the embedded Prometheus with `gantry env up` (its log is "
+        ".gantry/services/prometheus.log), or point GANTRY_PROMETHEUS_URL at a reachable one"
+    )
+
+
+class PrometheusQueryError(PrometheusError, PermanentError):
+    """Prometheus refused a query (400 bad_data: invalid PromQL or parameters; 422: the
+    query cannot be executed); the message holds the query and Prometheus's own reason."""
+
+    def __init__(self, message: str, *, query: str, reason: str, fix: str | None = None) -> None:
+        self.query = query
+        self.reason = reason
+        super().__init__(message, fix=fix)
+
+
+class PrometheusResponseError(PrometheusError, PermanentError):
+    """Prometheus answered, but with something Gantry cannot use: a refusal (401/403), no
+    such API (404: not a Prometheus), a body that is not its JSON, or a failed reload."""
+
+
 # --- triggers (deployments, worker, CI webhook) -------------------------------------------
 # Raised by gantry.adapters.prefect_api and gantry.webhook.
 
@@ -536,6 +569,10 @@ class RouterError(PermanentError):
 
 class RouterUnavailableError(TransientError):
     """The router (its container or its runtime API) does not answer."""
+
+
+class MetricsUnavailableError(TransientError):
+    """Gantry's metrics exporter does not answer or refused what the canary sent it."""
 
 
 class DeploymentStatusUnreadableError(ConfigError):
