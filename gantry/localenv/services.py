@@ -1,4 +1,5 @@
-"""The embedded services: local OCI registry, local Hub endpoint, Prefect server.
+"""The embedded services: local OCI registry, local Hub endpoint, Prefect server, and the
+metrics pair (Gantry's exporter and Prometheus).
 
 Each runs as a detached process with a pid file and a log file under
 ``<state dir>/services``, is health-checked before use, and is started idempotently:
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import logging
 import os
 import signal
 import socket
@@ -20,12 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 from pydantic import BaseModel, ConfigDict
 
+from gantry.atomicfile import write_atomic
 from gantry.errors import ServiceError
 from gantry.proc import pid_alive, which
 from gantry.settings import Settings
 from gantry.tls import tls_context
+
+log = logging.getLogger(__name__)
 
 
 class ServiceStatus(BaseModel):
@@ -189,6 +196,55 @@ class ManagedProcess:
         self.pidfile.unlink(missing_ok=True)
 
 
+@dataclass
+class PrometheusProcess(ManagedProcess):
+    """A managed Prometheus that also applies a changed configuration file.
+
+    ``start()`` of an instance that is already healthy but was started (or last reloaded)
+    with other content than ``config_file`` holds now makes it reload (``POST /-/reload``):
+    settings such as the exporter's address change without a restart, which would lose the
+    scrapes in between. The digest of what each instance runs is kept beside its pid file.
+    """
+
+    config_file: Path = field(default_factory=Path)
+    reload_timeout_s: float = 10
+
+    @property
+    def applied_file(self) -> Path:
+        return self.run_dir / f"{self.name}.config.sha256"
+
+    def _config_digest(self) -> str:
+        return hashlib.sha256(self.config_file.read_bytes()).hexdigest()
+
+    def start(self) -> ServiceStatus:
+        from gantry.adapters.prometheus import PrometheusClient
+
+        with _lock(self.run_dir / f"{self.name}.config.lock"):
+            before = self.pid()
+            status = super().start()
+            stamp = f"{status.pid} {self._config_digest()}\n"
+            if status.pid is None:
+                # Something else answers on our address (the port check let it pass as
+                # healthy): not ours to reconfigure.
+                return status
+            if status.pid != before:
+                # Started just now: it read the file as it is.
+                write_atomic(self.applied_file, stamp)
+                return status
+            with contextlib.suppress(FileNotFoundError):
+                if self.applied_file.read_text() == stamp:
+                    return status
+            log.info("%s: configuration changed; reloading %s", self.name, self.url)
+            with PrometheusClient(self.url, timeout_s=self.reload_timeout_s) as prom:
+                prom.reload()
+            write_atomic(self.applied_file, stamp)
+            return status
+
+    def stop(self) -> None:
+        super().stop()
+        self.applied_file.unlink(missing_ok=True)
+
+
 def _split(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host, int(port)
@@ -250,6 +306,120 @@ def hub_service(settings: Settings) -> ManagedProcess:
         startup_timeout_s=30,
         port_env_var="GANTRY_HUB_ADDR",
     )
+
+
+def prometheus_config(settings: Settings) -> str:
+    """The embedded Prometheus's configuration: Gantry's exporter, and every deployment's
+    model servers and router through file service discovery.
+
+    Both jobs scrape every second: the canary judges each step from these scrapes, and a
+    5 s interval would leave a 30 s analysis window with a handful of points. The target
+    groups under ``scrape_targets_dir`` set ``__metrics_path__`` and their own labels
+    (``model``, ``slot``, ``version``, ``component``) per target.
+    """
+    config = {
+        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "scrape_configs": [
+            {
+                "job_name": "gantry-exporter",
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "static_configs": [{"targets": [settings.exporter_addr]}],
+            },
+            {
+                "job_name": "gantry-deployments",
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "file_sd_configs": [
+                    {
+                        "files": [str(settings.scrape_targets_dir / "*.json")],
+                        "refresh_interval": "5s",
+                    }
+                ],
+            },
+        ],
+    }
+    return "# Written by Gantry (`gantry env up`); edits are overwritten.\n" + yaml.safe_dump(
+        config, sort_keys=False
+    )
+
+
+def prometheus_service(settings: Settings) -> PrometheusProcess:
+    """Debian's `prometheus` (2.42) on 127.0.0.1, its configuration and TSDB under the state
+    dir. Writes ``prometheus.yml`` (when its content changed) and the targets directory."""
+    binary = which(
+        "prometheus",
+        env_var="GANTRY_PROMETHEUS_BIN",
+        install_hint="run `make system-deps` (apt-get install prometheus)",
+    )
+    host, port = _split(settings.prometheus_addr)
+    root = settings.prometheus_dir
+    settings.scrape_targets_dir.mkdir(parents=True, exist_ok=True)
+    settings.scrape_targets_dir.chmod(0o755)
+    config = root / "prometheus.yml"
+    rendered = prometheus_config(settings)
+    try:
+        current = config.read_text()
+    except FileNotFoundError:
+        current = None
+    if current != rendered:
+        write_atomic(config, rendered)
+    return PrometheusProcess(
+        name="prometheus",
+        argv=[
+            str(binary),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={root / 'data'}",
+            "--storage.tsdb.retention.time=7d",
+            f"--web.listen-address={host}:{port}",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ],
+        host=host,
+        port=port,
+        health_path="/-/ready",
+        run_dir=settings.services_dir,
+        startup_timeout_s=60,
+        port_env_var="GANTRY_PROMETHEUS_ADDR",
+        config_file=config,
+    )
+
+
+def exporter_service(settings: Settings) -> ManagedProcess:
+    """Gantry's metrics exporter (``gantry.metrics``): deployment and canary state for
+    Prometheus, and the file-SD target groups of every deployment."""
+    host, port = _split(settings.exporter_addr)
+    return ManagedProcess(
+        name="exporter",
+        argv=[
+            sys.executable,
+            "-m",
+            "gantry.metrics",
+            "serve",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--targets-dir",
+            str(settings.scrape_targets_dir),
+            "--deployments-dir",
+            str(settings.deployments_dir),
+        ],
+        host=host,
+        port=port,
+        health_path="/healthz",
+        run_dir=settings.services_dir,
+        startup_timeout_s=30,
+        port_env_var="GANTRY_EXPORTER_ADDR",
+    )
+
+
+def metrics_services(settings: Settings) -> list[ManagedProcess]:
+    """What `gantry env up` starts for metrics, in order: the exporter, and Prometheus
+    unless GANTRY_PROMETHEUS_URL names one Gantry does not manage."""
+    if not settings.prometheus_is_local:
+        return [exporter_service(settings)]
+    return [exporter_service(settings), prometheus_service(settings)]
 
 
 def prefect_env(settings: Settings) -> dict[str, str]:
