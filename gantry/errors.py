@@ -637,3 +637,31 @@ class ReevaluationError(PermanentError):
     def __init__(self, message: str, *, report: object, fix: str | None = None) -> None:
         self.report = report
         super().__init__(message, fix=fix)
+
+
+# --- resource usage (container stats and the limits they call for) --------------------------
+# Raised by gantry.adapters.docker_stats and gantry.usage.
+
+
+class StatsUnavailableError(PermanentError):
+    """A container has no stats to read: it is not running (created, exited, being
+    removed), or the engine refused the request. Readers skip the sample."""
+
+
+class ResourceLimitError(PermanentError):
+    """The configured memory limit is below what the model was observed to use under load
+    (or it was OOM-killed at it): it would be killed in production. Carries both figures."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        configured_mb: int,
+        observed_p99_mb: float | None,
+        recommended_mb: int | None,
+        fix: str | None = None,
+    ) -> None:
+        self.configured_mb = configured_mb
+        self.observed_p99_mb = observed_p99_mb
+        self.recommended_mb = recommended_mb
+        super().__init__(message, fix=fix)

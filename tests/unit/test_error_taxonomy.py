@@ -116,6 +116,9 @@ EXPECTED: dict[str, Kind] = {
     # re-evaluation of live champions
     "ChampionImageMissingError": "permanent",
     "ReevaluationError": "permanent",
+    # resource usage
+    "StatsUnavailableError": "permanent",
+    "ResourceLimitError": "permanent",
 }
 
 
