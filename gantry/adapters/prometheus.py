@@ -111,7 +111,14 @@ def _timestamp(at: datetime) -> str:
 class PrometheusClient:
     """Client of one Prometheus server (``url``: its base, e.g. ``http://127.0.0.1:5077``)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the network (tests replay recorded answers through it)."""
         parts = urlsplit(url.rstrip("/"))
         auth: tuple[str, str] | None = None
         if parts.username is not None:
@@ -123,7 +130,9 @@ class PrometheusClient:
         self.base = urlunsplit(parts)
         self.timeout_s = timeout_s
         self._secrets = [auth[1]] if auth else []
-        self._http = httpx.Client(timeout=timeout_s, verify=tls_context(), auth=auth)
+        self._http = httpx.Client(
+            timeout=timeout_s, verify=tls_context(), auth=auth, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
