@@ -402,8 +402,6 @@ def exporter_service(settings: Settings) -> ManagedProcess:
             str(port),
             "--targets-dir",
             str(settings.scrape_targets_dir),
-            "--deployments-dir",
-            str(settings.deployments_dir),
         ],
         host=host,
         port=port,
