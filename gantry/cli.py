@@ -5,7 +5,7 @@
     gantry rollback MODEL        abort a canary / give traffic back to the previous champion
     gantry reevaluate [MODEL...] re-score the live champions; exit 1 on a regression
     gantry keys generate         create signing key pairs
-    gantry env up|down|status    the embedded services (registry, hub, Prefect server)
+    gantry env up|down|status    the embedded services (registry, hub, Prefect, metrics)
     gantry hub token create      a token for the local hub (--write to publish models)
     gantry serve                 Prefect server, work pool, deployments and a worker
     gantry webhook serve         the CI webhook receiver that starts `release` runs
@@ -34,6 +34,7 @@ from gantry.errors import (
     ServiceError,
     SpecError,
 )
+from gantry.proc import redact_text
 from gantry.settings import Settings, get_settings
 
 log = logging.getLogger("gantry")
@@ -129,20 +130,27 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def _env_summary(settings: Settings) -> dict[str, object]:
     from gantry.localenv.services import (
+        exporter_service,
         hub_service,
         prefect_service,
+        prometheus_service,
         registry_service,
         worker_service,
     )
 
     services: dict[str, object] = {}
-    for factory in (registry_service, hub_service, prefect_service, worker_service):
+    factories = [registry_service, hub_service, prefect_service, worker_service, exporter_service]
+    if settings.prometheus_is_local:
+        factories.append(prometheus_service)
+    for factory in factories:
         try:
             services[factory.__name__.removesuffix("_service")] = (
                 factory(settings).status().model_dump()
             )
         except GantryError as exc:
             services[factory.__name__.removesuffix("_service")] = {"error": str(exc)}
+    if not settings.prometheus_is_local:
+        services["prometheus"] = _external_prometheus(settings)
     try:
         from gantry.adapters.docker_engine import connect
 
@@ -167,9 +175,27 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         "registry": settings.registry,
         "registry_embedded": settings.registry_is_local,
         "hub_endpoint": settings.hub_url,
+        "prometheus_url": redact_text(settings.prometheus_url),
+        "prometheus_embedded": settings.prometheus_is_local,
         "docker": docker_info,
         "services": services,
     }
+
+
+def _external_prometheus(settings: Settings) -> dict[str, object]:
+    """The Prometheus GANTRY_PROMETHEUS_URL names: not Gantry's to start or stop."""
+    from gantry.adapters.prometheus import PrometheusClient
+    from gantry.localenv.services import ServiceStatus
+
+    with PrometheusClient(settings.prometheus_url, timeout_s=5) as prom:
+        ready = prom.ready()
+    return ServiceStatus(
+        name="prometheus",
+        url=redact_text(settings.prometheus_url),
+        managed=False,
+        running=ready,
+        healthy=ready,
+    ).model_dump()
 
 
 def _deployments(settings: Settings) -> dict[str, object]:
@@ -202,6 +228,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             "hub": settings.hub_url,
             "registry": settings.registry,
             "prefect": os.environ.get("PREFECT_API_URL") or settings.prefect_api_url,
+            "prometheus": settings.prometheus_url,
             "state": str(settings.state_dir),
         }
         print(urls[args.name])
@@ -214,6 +241,9 @@ def cmd_env(args: argparse.Namespace) -> int:
         client = connect(timeout_s=30)
         if settings.registry_is_local:
             log.info("registry: %s", svc.registry_service(settings).start().url)
+        if not args.no_metrics:
+            for service in svc.metrics_services(settings):
+                log.info("%s: %s", service.name, service.start().url)
         if not args.no_hub:
             demo = assemble_demo(HubStore(settings.hub_dir / "store"), settings.demo_wheels_dir)
             log.info("demo repository %s ready", demo.repo_id)
@@ -229,6 +259,8 @@ def cmd_env(args: argparse.Namespace) -> int:
             svc.worker_service,
             svc.prefect_service,
             svc.hub_service,
+            svc.exporter_service,
+            svc.prometheus_service,
             svc.registry_service,
         ):
             try:
@@ -258,6 +290,7 @@ def cmd_env(args: argparse.Namespace) -> int:
             "mlflow_tracking_uri",
             "registry",
             "hub_endpoint",
+            "prometheus_url",
         ):
             print(f"{k:<20} {summary[k]}")
         for model, dep in dict(summary["deployments"]).items():  # type: ignore[call-overload]
@@ -514,9 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("env", help="start, stop or show the embedded services")
     esub = e.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = esub.add_parser("up", help="start registry, hub and Prefect server; prepare images")
+    up = esub.add_parser(
+        "up", help="start registry, metrics, hub and Prefect server; prepare images"
+    )
     up.add_argument("--no-hub", action="store_true", help="do not start the local Hub endpoint")
     up.add_argument("--no-prefect", action="store_true", help="do not start a Prefect server")
+    up.add_argument(
+        "--no-metrics", action="store_true", help="do not start the exporter and Prometheus"
+    )
     up.add_argument("--no-images", action="store_true", help="do not prepare base images")
     up.add_argument("--json", action="store_true", help="print the status as JSON")
     down = esub.add_parser("down", help="stop the embedded services (state is kept)")
@@ -524,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = esub.add_parser("status", help="show where each service lives and whether it answers")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     url = esub.add_parser("url", help="print one service's address")
-    url.add_argument("name", choices=["hub", "registry", "prefect", "state"])
+    url.add_argument("name", choices=["hub", "registry", "prefect", "prometheus", "state"])
     e.set_defaults(func=cmd_env)
 
     h = sub.add_parser("hub", help="the local Hub endpoint's tokens")
