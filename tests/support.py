@@ -67,6 +67,8 @@ def gantry_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GantryEnv]:
         "GANTRY_LOCAL_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
         "GANTRY_HUB_ADDR": f"127.0.0.1:{free_port()}",
         "GANTRY_PREFECT_PORT": str(free_port()),
+        "GANTRY_PROMETHEUS_ADDR": f"127.0.0.1:{free_port()}",
+        "GANTRY_EXPORTER_ADDR": f"127.0.0.1:{free_port()}",
     }
     saved = {k: os.environ.get(k) for k in [*env, "HF_ENDPOINT", "GANTRY_REGISTRY"]}
     os.environ.update(env)
