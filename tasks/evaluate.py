@@ -1,10 +1,11 @@
-"""Prefect face of stage `evaluate` (:mod:`gantry.stages.evaluate`): the task and its table
-artifact, candidate next to champion, left also (above all) when the gate fails."""
+"""Prefect face of stage `evaluate` (:mod:`gantry.stages.evaluate`): the task, its table
+artifact (candidate next to champion) and its usage artifact (observed CPU and memory, the
+limits they call for), left also (above all) when a gate fails."""
 
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from gantry.spec import ReleaseSpec
@@ -51,6 +52,31 @@ def comparison_table(result: EvalResult) -> list[dict[str, str]]:
     return rows
 
 
+def usage_markdown(result: EvalResult) -> str | None:
+    """Observed usage under the eval set and the recommended limits; None: not sampled."""
+    u, a = result.usage, result.limits
+    if u is None or a is None:
+        return None
+
+    def f(v: float | int | None, unit: str, digits: int = 2) -> str:
+        return "-" if v is None else f"{v:.{digits}f} {unit}".strip()
+
+    lines = [
+        f"**Usage under evaluation**: {u.samples} samples over {u.duration_s:.1f}s "
+        f"({u.missed_samples} missed), restarts {u.restarts}"
+        + (", **OOM-killed**" if u.oom_killed else ""),
+        "",
+        "| | p50 | p99 | recommended (p99 + 20 %) | configured |",
+        "|---|---|---|---|---|",
+        f"| CPU | {f(u.cpu_p50_cores, 'cores')} | {f(u.cpu_p99_cores, 'cores')} | "
+        f"{f(a.recommended_cpus, '')} | smoke.cpus {a.cpus:g} |",
+        f"| memory | {f(u.memory_p50_mb, 'MiB', 0)} | {f(u.memory_p99_mb, 'MiB', 0)} | "
+        f"{f(a.recommended_memory_mb, '', 0)} | smoke.memory_mb {a.memory_mb} |",
+    ]
+    lines += ["", *(f"- warning: {w}" for w in a.warnings)] if a.warnings else []
+    return "\n".join(lines)
+
+
 def _report(spec: ReleaseSpec, result: EvalResult) -> None:
     if result.skipped:
         description = f"**skipped**: {result.warning}"
@@ -63,6 +89,8 @@ def _report(spec: ReleaseSpec, result: EvalResult) -> None:
         )
         table = comparison_table(result)
     create_table_artifact(key=f"{spec.name}-evaluation", table=table, description=description)
+    if (usage := usage_markdown(result)) is not None:
+        create_markdown_artifact(key=f"{spec.name}-usage", markdown=usage)
 
 
 @task(

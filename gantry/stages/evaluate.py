@@ -9,6 +9,12 @@ QualityGateError when the score is under ``evaluate.threshold`` or more than
 EndpointUnavailableError (transient) instead of a false verdict. With no
 ``evaluate.dataset`` the stage is skipped with a warning and the result says so.
 
+:func:`run` also samples the container's CPU and memory (``docker stats``) for the whole
+eval run, the load test the model gets before release, and recommends limits from it
+(observed p99 + 20 %, :mod:`gantry.usage`). After the quality gate it fails the release
+with ResourceLimitError when ``smoke.memory_mb`` is below what the model used there: its
+p99 working set at 95 % of the limit or more, or an OOM kill.
+
 Here live the stage's contract (:class:`EvalResult`), its gate and its entry point
 :func:`run`; the scorers and the runner are :mod:`gantry.scoring`; ``tasks/evaluate.py``
 is its Prefect face (the task and its table artifact).
@@ -33,6 +39,7 @@ from gantry.spec import Protocol, ReleaseSpec
 from gantry.stages.build import BuildResult
 from gantry.stages.sign import SignResult
 from gantry.stages.weights import WeightsResult
+from gantry.usage import LimitsAdvice, UsageSummary, check_limits, recommend
 
 if TYPE_CHECKING:
     from gantry.adapters.docker_engine import DockerClient
@@ -45,6 +52,9 @@ _MATCH_MODES: dict[str, scoring.MatchMode] = {
     "contains": "contains",
     "regex": "regex",
 }
+#: Seconds between stats samples of the evaluated container (Docker 20.10 answers a
+#: one-shot read on its collector's next tick, once a second, so more often gains nothing).
+USAGE_INTERVAL_S = 1.0
 #: Model name → metrics of its `champion` version (None: no champion yet).
 ChampionMetrics = Callable[[str], dict[str, float] | None]
 
@@ -77,6 +87,14 @@ class EvalResult(BaseModel):
     dataset: str | None = None
     dataset_sha256: str | None = None
     results_path: str | None = None
+    usage: UsageSummary | None = Field(
+        default=None,
+        description="CPU and memory the container used under the eval set (None: not "
+        "sampled, e.g. an endpoint evaluated in place, or a record from before sampling).",
+    )
+    limits: LimitsAdvice | None = Field(
+        default=None, description="Limits recommended from `usage` (p99 + 20 %)."
+    )
 
     def metrics(self) -> dict[str, float]:
         """The numbers to log to MLflow, keyed as a later champion lookup reads them
@@ -99,6 +117,14 @@ class EvalResult(BaseModel):
                 out[key] = float(value)
         if self.score is not None:
             out[self.metric] = self.score
+        if self.usage is not None:
+            for key in ("cpu_p50_cores", "cpu_p99_cores", "memory_p50_mb", "memory_p99_mb"):
+                if (value := getattr(self.usage, key)) is not None:
+                    out[f"usage_{key}"] = float(value)
+        if self.limits is not None:
+            for key in ("recommended_cpus", "recommended_memory_mb"):
+                if (value := getattr(self.limits, key)) is not None:
+                    out[key] = float(value)
         return out
 
 
@@ -356,15 +382,20 @@ def run(
     on_measured: Callable[[EvalResult], None] | None = None,
 ) -> EvalResult:
     """Stage `evaluate` in a release: verify, serve the signed image hardened (as in smoke),
-    run the eval set through it, compare with the champion, always remove it.
+    run the eval set through it while sampling its CPU and memory, compare with the
+    champion, check the limits, always remove it.
 
     ``champion_metrics`` defaults to the champion in the spec's MLflow registry
-    (:func:`mlflow_champion_metrics`). ``on_measured`` is handed the result before the gate
-    decides (the Prefect task leaves its artifact there: a failed gate is when it matters
-    most). Raises QualityGateError when the gate fails; see :func:`gate_endpoint`.
+    (:func:`mlflow_champion_metrics`). ``on_measured`` is handed the result before the
+    gates decide (the Prefect task leaves its artifact there: a failed gate is when it
+    matters most). Raises QualityGateError when the quality gate fails (see
+    :func:`gate_endpoint`), then ResourceLimitError when ``smoke.memory_mb`` is too small
+    for the observed usage (see :func:`gantry.usage.check_limits`), also when the
+    container was OOM-killed mid-run (which the eval run itself sees as an endpoint gone).
     """
     from gantry.adapters import containers
     from gantry.adapters.docker_engine import connect
+    from gantry.adapters.docker_stats import UsageSampler
     from gantry.stages.smoke import start_runtime, verify_inputs
 
     if spec.evaluate.dataset is None:
@@ -379,11 +410,49 @@ def run(
             containers.wait_healthy(running, spec.runtime.health_path, spec.smoke.deadline_s)
             if champion_metrics is None:
                 champion_metrics = mlflow_champion_metrics(spec, settings)
-            result = measure(spec, running.base_url, settings, champion_metrics=champion_metrics)
+            failure: GantryError | None = None
+            with UsageSampler(client, running.id, USAGE_INTERVAL_S) as sampler:
+                try:
+                    result = measure(
+                        spec, running.base_url, settings, champion_metrics=champion_metrics
+                    )
+                except GantryError as exc:
+                    failure = exc
+            usage = sampler.summary()
+            if failure is not None:
+                if usage.oom_killed:
+                    # The eval run saw the endpoint vanish (transient, to it); the engine
+                    # says why, and retrying cannot help: fail on the limit, with figures.
+                    check_limits(usage, spec.smoke.cpus, spec.smoke.memory_mb)
+                raise failure
+            result = with_usage(spec, result, usage)
             return _gated(spec, result, on_measured)
     finally:
         if own_client:
             client.close()
+
+
+def with_usage(spec: ReleaseSpec, result: EvalResult, usage: UsageSummary) -> EvalResult:
+    """``result`` with the sampled usage and the limits recommended from it (logged)."""
+    limits = recommend(usage, spec.smoke.cpus, spec.smoke.memory_mb)
+    if limits.recommended_cpus is not None:
+        log.info(
+            "evaluate: used CPU p50 %.2f / p99 %.2f cores, memory p50 %.0f / p99 %.0f MiB over "
+            "%d samples: recommended smoke.cpus %g (configured %g), smoke.memory_mb %d "
+            "(configured %d)",
+            usage.cpu_p50_cores or 0.0,
+            usage.cpu_p99_cores or 0.0,
+            usage.memory_p50_mb or 0.0,
+            usage.memory_p99_mb or 0.0,
+            usage.samples,
+            limits.recommended_cpus,
+            spec.smoke.cpus,
+            limits.recommended_memory_mb or 0,
+            spec.smoke.memory_mb,
+        )
+    for warning in limits.warnings:
+        log.warning("evaluate: %s", warning)
+    return result.model_copy(update={"usage": usage, "limits": limits})
 
 
 def _gated(
@@ -392,4 +461,6 @@ def _gated(
     if on_measured is not None:
         on_measured(result)
     check_gate(spec, result)
+    if result.usage is not None:
+        check_limits(result.usage, spec.smoke.cpus, spec.smoke.memory_mb)
     return result
