@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from gantry.adapters.prometheus import PrometheusClient
+from gantry.errors import ConfigError
 from gantry.localenv.services import PrometheusProcess, metrics_services, prometheus_service
 from gantry.settings import Settings
 from tests.prometheus_support import (
@@ -149,3 +150,5 @@ def test_metrics_services_follow_the_external_url(tmp_path: Path) -> None:
         "--targets-dir", str(tmp_path / "prometheus" / "targets"),
     ]  # fmt: skip
     assert exporter.health_path == "/healthz"
+    with pytest.raises(ConfigError, match="GANTRY_PROMETHEUS_URL is not an http"):
+        Settings.from_env({"GANTRY_PROMETHEUS_URL": "prom.internal:9090"})
