@@ -110,7 +110,7 @@ def parse_stats(raw: Mapping[str, Any], *, host_memory_bytes: int | None = None)
         raise StatsUnavailableError(f"container {name}'s stats hold no CPU usage")
     online = (raw.get("cpu_stats") or {}).get("online_cpus")
     return StatsSample(
-        read_at=datetime.fromisoformat(_micro(read)),
+        read_at=parse_engine_time(read),
         cpu_seconds_total=int(cpu["total_usage"]) / 1e9,
         memory_bytes=_working_set(memory),
         memory_limit_bytes=_limit(memory, host_memory_bytes),
@@ -118,14 +118,15 @@ def parse_stats(raw: Mapping[str, Any], *, host_memory_bytes: int | None = None)
     )
 
 
-def _micro(ts: str) -> str:
-    """The engine's RFC 3339 time with nanoseconds, cut to what datetime reads."""
-    ts = ts.replace("Z", "+00:00")
+def parse_engine_time(text: str) -> datetime:
+    """A time as the engine writes it (RFC 3339 with nanoseconds, ``Z``), aware, to the
+    microsecond. Raises ValueError for anything else."""
+    ts = text.replace("Z", "+00:00")
     head, dot, rest = ts.partition(".")
-    if not dot:
-        return ts
-    digits = len(rest) - len(rest.lstrip("0123456789"))
-    return f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        ts = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    return datetime.fromisoformat(ts)
 
 
 def read_stats(

@@ -11,9 +11,12 @@ For each deployment under the state dir whose model has an MLflow `champion`:
    verdict*: never as a regression;
 3. **compare** with the version's accepted score (``eval.<metric>`` of its release run): more
    than ``evaluate.tolerance`` below it, or under ``evaluate.threshold``, is a regression;
-4. **re-scan** the image when its last scan is older than ``max_scan_age_hours``; a finding
+4. **restarts**: the champion container's ``RestartCount`` against what the previous
+   re-evaluation recorded on the version (MLflow tags): more than 2 restarts a day is a
+   problem of its own (the seed checklist's threshold);
+5. **re-scan** the image when its last scan is older than ``max_scan_age_hours``; a finding
    that now blocks is reported as a problem of its own;
-5. **record**: one MLflow run per model and invocation (experiment ``gantry-reevaluations``)
+6. **record**: one MLflow run per model and invocation (experiment ``gantry-reevaluations``)
    linked to the version both ways (run tags, version tags); on a regression the version
    is tagged ``gantry.reevaluation.regressed=true``, the Prefect event
    ``gantry.reevaluation.regressed`` is emitted and, if asked, the model is rolled back to
@@ -35,7 +38,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gantry import scoring as ev
 from gantry.adapters import docker_engine
+from gantry.adapters.docker_stats import parse_engine_time
 from gantry.adapters.haproxy import Slot, slot_host
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from gantry.adapters.registry import RegistryClient
@@ -88,6 +92,12 @@ Action = Literal["none", "rolled-back", "rollback-unavailable", "rollback-failed
 EVENT_REGRESSED = "gantry.reevaluation.regressed"
 EVENT_NO_VERDICT = "gantry.reevaluation.no-verdict"
 EVENT_SCAN_BLOCKED = "gantry.reevaluation.scan-blocked"
+#: More restarts a day than this flag the champion's container.
+MAX_RESTARTS_PER_DAY = 2.0
+#: Version tags: the container and its RestartCount at the last re-evaluation.
+RESTART_COUNT_TAG = "gantry.reevaluation.restart_count"
+CONTAINER_TAG = "gantry.reevaluation.container_id"
+LAST_AT_TAG = "gantry.reevaluation.last_at"
 
 
 def _now() -> datetime:
@@ -179,6 +189,34 @@ class ScanCheck(BaseModel):
         return None
 
 
+class RestartCheck(BaseModel):
+    """How often the champion's container restarted since the last re-evaluation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    container_id: str
+    restart_count: int = Field(description="The container's RestartCount now.")
+    since: datetime = Field(
+        description="The previous re-evaluation, or the container's creation when that one "
+        "saw another container (or there was none)."
+    )
+    restarts: int = Field(description="Restarts since `since`.")
+    per_day: float = Field(description="restarts / days since `since`, at least one day.")
+    max_per_day: float = MAX_RESTARTS_PER_DAY
+    flagged: bool
+
+    @property
+    def problem(self) -> str | None:
+        if not self.flagged:
+            return None
+        return (
+            f"restarts: the champion's container restarted {self.restarts} time(s) since "
+            f"{self.since:%Y-%m-%d %H:%M}Z ({self.per_day:.1f}/day, over "
+            f"{self.max_per_day:g}/day): read `docker logs {self.container_id[:12]}` (an OOM "
+            "kill means smoke.memory_mb is too small; see evaluate's recommended limits)"
+        )
+
+
 class ErrorInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -215,6 +253,7 @@ class ModelReevaluation(BaseModel):
     )
     warnings: tuple[str, ...] = ()
     scan: ScanCheck | None = None
+    restarts: RestartCheck | None = None
     action: Action = "none"
     action_detail: str = ""
     rollback: RollbackResult | None = None
@@ -237,6 +276,8 @@ class ModelReevaluation(BaseModel):
         out += [f"drift: {d}" for d in self.drift]
         if self.scan is not None and self.scan.problem:
             out.append(self.scan.problem)
+        if self.restarts is not None and self.restarts.problem:
+            out.append(self.restarts.problem)
         if self.action == "rollback-failed":
             out.append(f"rollback failed: {self.action_detail}")
         return out
@@ -378,6 +419,53 @@ def drift_of(
     elif mounts[0].get("RW"):
         out.append(f"the weights at {mount_point} are mounted writable")
     return tuple(out)
+
+
+def restart_check(
+    attrs: Mapping[str, Any] | None,
+    version_tags: Mapping[str, str],
+    now: datetime,
+    max_per_day: float = MAX_RESTARTS_PER_DAY,
+) -> RestartCheck | None:
+    """Restarts of the container (``docker inspect`` attributes) since the previous
+    re-evaluation (its :data:`RESTART_COUNT_TAG`, :data:`CONTAINER_TAG` and
+    :data:`LAST_AT_TAG` version tags); None without a container.
+
+    Another container than the one recorded (a rollback or promotion made a new one), or no
+    record, counts from the container's creation. The rate is over at least a day, so a
+    run an hour after the last one flags more than 2 restarts in that hour, not one.
+    """
+    if attrs is None:
+        return None
+    cid = str(attrs.get("Id") or "")
+    count = int(attrs.get("RestartCount") or 0)
+    created = _parse_time(str(attrs.get("Created") or "")) or now
+    since, base = created, 0
+    last_at = _parse_time(version_tags.get(LAST_AT_TAG, ""))
+    recorded = version_tags.get(RESTART_COUNT_TAG, "")
+    if version_tags.get(CONTAINER_TAG) == cid and recorded.isdigit() and last_at is not None:
+        since, base = max(last_at, created), int(recorded)
+    restarts = max(0, count - base)
+    days = max((now - since) / timedelta(days=1), 1.0)
+    per_day = round(restarts / days, 3)
+    return RestartCheck(
+        container_id=cid,
+        restart_count=count,
+        since=since,
+        restarts=restarts,
+        per_day=per_day,
+        max_per_day=max_per_day,
+        flagged=per_day > max_per_day,
+    )
+
+
+def _parse_time(text: str) -> datetime | None:
+    """An engine (nanoseconds, Z) or ISO time, aware; None if it is not one."""
+    try:
+        t = parse_engine_time(text)
+    except ValueError:
+        return None
+    return _aware(t)
 
 
 def measure_with_retries(
@@ -626,9 +714,11 @@ def _reevaluate(
         verify_release(release, f"champion version {champ.version}")
         client = docker_engine.connect(settings.docker_timeout_s)
         try:
+            attrs = _container_attrs(client, slot_host(store.name, champ.slot))
+            acc.set(restarts=restart_check(attrs, dict(alias.tags), now()))
             acc.set(
                 drift=drift_of(
-                    _container_attrs(client, slot_host(store.name, champ.slot)),
+                    attrs,
                     image=release.build.image,
                     weights_path=release.weights.path,
                     mount_point=spec.runtime.model_mount,
@@ -825,6 +915,10 @@ def _record(
             metrics["scan.age_hours"] = (at - scan.last_scanned_at).total_seconds() / 3600
         if scan is not None and scan.rescanned:
             metrics["scan.blocking"] = float(scan.blocking_count)
+        restarts: RestartCheck | None = v.get("restarts")
+        if restarts is not None:
+            metrics["container.restarts"] = float(restarts.restarts)
+            metrics["container.restarts_per_day"] = restarts.per_day
         registry.log_batch(run_id, params=params, metrics=metrics)
         for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
             registry.log_artifact(run_id, path, str(path.parent.relative_to(run_dir)) or None)
@@ -834,9 +928,12 @@ def _record(
 
         version_tags = {
             "gantry.reevaluation.last_run_id": run_id,
-            "gantry.reevaluation.last_at": at.isoformat(),
+            LAST_AT_TAG: at.isoformat(),
             "gantry.reevaluation.last_verdict": verdict,
         }
+        if restarts is not None:  # the next re-evaluation counts from here
+            version_tags[RESTART_COUNT_TAG] = str(restarts.restart_count)
+            version_tags[CONTAINER_TAG] = restarts.container_id
         if verdict == "regressed":
             version_tags.update(
                 {
