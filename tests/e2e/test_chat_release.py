@@ -5,16 +5,20 @@ v1 streams the "2 + 2" smoke probe, scores 1.0 on the chat eval set with TTFT pe
 its record, is registered in MLflow with its aliases and deployed behind the router; a
 second run finds every stage cached. The degraded revision (noise on its norm weights)
 passes its relaxed gates, and the canary rolls it back at its first step while v1 keeps
-serving a steady chat load without one failed request.
+serving a steady chat load without one failed request. Every query of the Grafana dashboard
+(docs/dashboards/gantry-model.json) then returns series for the model from the embedded
+Prometheus the canary used.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -29,6 +33,7 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-chat-e2e"
+DASHBOARD = REPO_ROOT / "docs" / "dashboards" / "gantry-model.json"
 STAGES = ["weights", "build", "scan", "sign", "smoke", "evaluate", "register", "canary"]
 
 
@@ -106,3 +111,40 @@ def test_chat_model_released_then_degraded_revision_rolled_back(
     assert status["canary"]["step"] == 0 and status["canary"]["weight"] == 0
     verdicts = status["canary"]["verdicts"]
     assert verdicts and {v["weight"] for v in verdicts} == {10} and not verdicts[-1]["passed"]
+
+    _every_dashboard_query_returns_series(env, canary["endpoint"])
+
+
+def _every_dashboard_query_returns_series(env: dict[str, str], endpoint: str) -> None:
+    """Each panel query, as Grafana sends it for this model, gives at least one series (a
+    0 or a NaN is data; an empty answer means a panel would show "No data")."""
+    from gantry.adapters.prometheus import PrometheusClient
+    from gantry.metrics.dashboard import instantiate, panel_queries
+    from gantry.settings import Settings
+
+    # Streamed, as chat clients ask: only streamed answers feed the TTFT histogram; and the
+    # panels' 1m rate windows need requests newer than the canary's.
+    with httpx.Client(base_url=endpoint, timeout=60, trust_env=False) as http:
+        for i in range(4):
+            body = {
+                "model": "smollm2-chat",
+                "messages": [{"role": "user", "content": f"Name a colour ({i})."}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "stream": True,
+            }
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200, r.read()[:300]
+                r.read()
+    queries = panel_queries(DASHBOARD)
+    empty = {(q.title, q.ref_id): instantiate(q.expr, MODEL, "1m") for q in queries}
+    deadline = time.monotonic() + 15  # a few 1 s scrapes of the exporter and the servers
+    with PrometheusClient(Settings.from_env(env).prometheus_url, timeout_s=10) as prom:
+        while True:
+            empty = {k: e for k, e in empty.items() if not prom.query(e).samples}
+            if not empty or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert not empty, "panel queries without a series:\n" + "\n".join(
+        f"{title} [{ref}]: {e}" for (title, ref), e in empty.items()
+    )
