@@ -197,8 +197,8 @@ def check_limits(summary: UsageSummary, cpus: float, memory_mb: int) -> LimitsAd
         )
         raise ResourceLimitError(
             f"the model container was OOM-killed at its memory limit smoke.memory_mb "
-            f"{memory_mb} MiB while the eval set ran (observed working set before the kill: "
-            f"{seen})",
+            f"{memory_mb} MiB (loading the model or under the eval set's load; working set "
+            f"sampled before the kill, once a second: {seen})",
             configured_mb=memory_mb,
             observed_p99_mb=p99,
             recommended_mb=advice.recommended_memory_mb,

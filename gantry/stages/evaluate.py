@@ -9,8 +9,9 @@ QualityGateError when the score is under ``evaluate.threshold`` or more than
 EndpointUnavailableError (transient) instead of a false verdict. With no
 ``evaluate.dataset`` the stage is skipped with a warning and the result says so.
 
-:func:`run` also samples the container's CPU and memory (``docker stats``) for the whole
-eval run, the load test the model gets before release, and recommends limits from it
+:func:`run` also samples the container's CPU and memory (``docker stats``) from its start
+(the model load's peak counts) to the end of the eval run, the load test the model gets
+before release, and recommends limits from it
 (observed p99 + 20 %, :mod:`gantry.usage`). After the quality gate it fails the release
 with ResourceLimitError when ``smoke.memory_mb`` is below what the model used there: its
 p99 working set at 95 % of the limit or more, or an OOM kill.
@@ -391,7 +392,8 @@ def run(
     matters most). Raises QualityGateError when the quality gate fails (see
     :func:`gate_endpoint`), then ResourceLimitError when ``smoke.memory_mb`` is too small
     for the observed usage (see :func:`gantry.usage.check_limits`), also when the
-    container was OOM-killed mid-run (which the eval run itself sees as an endpoint gone).
+    container was OOM-killed while loading the model or mid-run (which the eval run itself
+    would see as an endpoint gone, a transient error).
     """
     from gantry.adapters import containers
     from gantry.adapters.docker_engine import connect
@@ -407,12 +409,16 @@ def run(
         containers.remove_leftovers(client, spec.release_id, STAGE)
         gpus = containers.resolve_gpus(client.info(), spec.smoke.accelerator, spec.smoke.gpus)
         with start_runtime(client, spec, build, weights, gpus, STAGE) as running:
-            containers.wait_healthy(running, spec.runtime.health_path, spec.smoke.deadline_s)
-            if champion_metrics is None:
-                champion_metrics = mlflow_champion_metrics(spec, settings)
             failure: GantryError | None = None
+            # Sampled from the start: the model load's peak counts (a limit under it kills
+            # every start), then the eval set's load.
             with UsageSampler(client, running.id, USAGE_INTERVAL_S) as sampler:
                 try:
+                    containers.wait_healthy(
+                        running, spec.runtime.health_path, spec.smoke.deadline_s
+                    )
+                    if champion_metrics is None:
+                        champion_metrics = mlflow_champion_metrics(spec, settings)
                     result = measure(
                         spec, running.base_url, settings, champion_metrics=champion_metrics
                     )
@@ -421,8 +427,8 @@ def run(
             usage = sampler.summary()
             if failure is not None:
                 if usage.oom_killed:
-                    # The eval run saw the endpoint vanish (transient, to it); the engine
-                    # says why, and retrying cannot help: fail on the limit, with figures.
+                    # A start that died, or an endpoint that vanished (transient, to the
+                    # eval run): the engine says why, and retrying cannot help.
                     check_limits(usage, spec.smoke.cpus, spec.smoke.memory_mb)
                 raise failure
             result = with_usage(spec, result, usage)

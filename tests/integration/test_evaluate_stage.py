@@ -4,6 +4,11 @@ Each runtime is a real ``python -m gantry_runtime`` process on a free port, eval
 the demo eval set: the real int8 MiniLM must pass threshold 0.8; the degraded variant
 (``degrade_onnx``) must fail with a message giving both scores, also when compared with
 the real model as champion. A dead port must end in EndpointUnavailableError.
+
+The stage's own :func:`~gantry.stages.evaluate.run` then serves the real signed runtime
+image hardened (the smoke tests' fixtures): its result carries the container's CPU and
+memory under the eval set and the limits recommended from them, and a memory limit below
+what it was seen to use fails the release with both figures.
 """
 
 from __future__ import annotations
@@ -19,15 +24,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import httpx
 import pytest
 
-from gantry.errors import EndpointUnavailableError, QualityGateError
+from gantry.errors import EndpointUnavailableError, QualityGateError, ResourceLimitError
 from gantry.localhub.demo import degrade_onnx
 from gantry.settings import Settings
 from gantry.spec import ReleaseSpec, parse_spec
+from gantry.stages import evaluate
+from gantry.stages.build import BuildResult
 from gantry.stages.evaluate import EvalResult, gate_endpoint
+from gantry.stages.sign import SignResult
+from gantry.stages.weights import WeightsResult
 from tests._model_fixture import MODEL_NAME, RUNTIME_SERVER_DIR, ensure_test_model
+from tests.integration.test_smoke_stage import _spec as smoke_spec
+from tests.integration.test_smoke_stage import built, client, signed, weights  # noqa: F401
+from tests.support import GantryEnv
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +200,92 @@ def test_endpoint_down_is_transient_not_a_verdict(settings: Settings) -> None:
     with pytest.raises(EndpointUnavailableError, match="after 3 attempts"):
         gate_endpoint(make_spec(), url, settings, attempts=3, backoff_s=0.05)
     assert time.monotonic() - t0 < 10
+
+
+# --- the stage in a release: the real image, hardened, its usage sampled ---------------------
+
+
+def release_spec(env: GantryEnv) -> ReleaseSpec:
+    return smoke_spec(env, evaluate={"dataset": str(DEMO_SET), "threshold": 0.8})
+
+
+@pytest.fixture(scope="module")
+def release_result(
+    gantry_env: GantryEnv,
+    built: BuildResult,  # noqa: F811 (the smoke tests' fixtures)
+    weights: WeightsResult,  # noqa: F811
+    signed: SignResult,  # noqa: F811
+    client: docker.DockerClient,  # noqa: F811
+) -> EvalResult:
+    return evaluate.run(
+        release_spec(gantry_env),
+        built,
+        weights,
+        signed,
+        Settings.from_env(),
+        champion_metrics=lambda _name: None,
+        client=client,
+    )
+
+
+def test_release_evaluation_carries_usage(
+    gantry_env: GantryEnv, release_result: EvalResult
+) -> None:
+    r, spec = release_result, release_spec(gantry_env)
+    print(f"\nrelease usage: {r.usage!r}\nlimits: {r.limits!r}")
+    assert r.passed and r.score is not None and r.score >= 0.9
+    u, a = r.usage, r.limits
+    assert u is not None and a is not None
+    # The demo set takes 2-6 s here and the engine gives a sample a second.
+    assert u.samples >= 2 and u.restarts == 0 and not u.oom_killed
+    assert u.cpu_p99_cores is not None and 0 < u.cpu_p99_cores <= spec.smoke.cpus * 1.05
+    assert u.memory_p99_mb is not None and 30 < u.memory_p99_mb < spec.smoke.memory_mb
+    assert u.memory_limit_mb == spec.smoke.memory_mb
+    assert (a.cpus, a.memory_mb) == (spec.smoke.cpus, spec.smoke.memory_mb)
+    if not u.conclusive:
+        assert a.recommended_cpus is None and "inconclusive" in a.warnings[0]
+        return
+    assert a.recommended_cpus is not None and a.recommended_cpus >= u.cpu_p99_cores * 1.2
+    assert a.recommended_memory_mb is not None
+    assert a.recommended_memory_mb >= u.memory_p99_mb * 1.2
+    m = r.metrics()
+    assert m["usage_memory_p99_mb"] == u.memory_p99_mb
+    assert m["recommended_memory_mb"] == a.recommended_memory_mb
+
+
+def test_memory_limit_under_the_observed_p99_fails(
+    gantry_env: GantryEnv,
+    release_result: EvalResult,
+    built: BuildResult,  # noqa: F811
+    weights: WeightsResult,  # noqa: F811
+    signed: SignResult,  # noqa: F811
+    client: docker.DockerClient,  # noqa: F811
+) -> None:
+    """A limit under what the model used: the engine OOM-kills it (loading the model or
+    under the eval set's load, whichever reaches the limit first), and the stage fails on
+    the limit with the configured figure, what it saw before the kill, and the fix: not
+    with a retried "endpoint gone" or a bare start failure."""
+    assert release_result.usage is not None and release_result.usage.memory_p99_mb is not None
+    p99 = release_result.usage.memory_p99_mb
+    tight = int(p99 * 0.9)
+    spec = release_spec(gantry_env)
+    # Set past validation: the spec's floor (128 MiB) may be above what the model needs.
+    spec = spec.model_copy(update={"smoke": spec.smoke.model_copy(update={"memory_mb": tight})})
+    with pytest.raises(ResourceLimitError) as info:
+        evaluate.run(
+            spec,
+            built,
+            weights,
+            signed,
+            Settings.from_env(),
+            champion_metrics=lambda _name: None,
+            client=client,
+        )
+    err = info.value
+    print(f"\nlimit {tight} MiB (p99 with room {p99:.1f}): {err}")
+    text = str(err)
+    assert err.configured_mb == tight and f"smoke.memory_mb {tight} MiB" in text
+    assert "OOM-killed" in text
+    if err.observed_p99_mb is not None:
+        assert f"p99 {err.observed_p99_mb:.1f} MiB" in text
+    assert "fix: " in text and "smoke.memory_mb: " in text.split("fix: ")[1]
