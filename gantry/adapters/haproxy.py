@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 BACKEND = "model"
 FRONTEND_PORT = 8080
+#: HAProxy's built-in Prometheus exporter (server weights, states, sessions, 5xx): read-only,
+#: published on loopback for Prometheus.
+METRICS_PORT = 8405
 #: The router's configuration directory (a read-only bind mount of a host directory) and
 #: the file in it HAProxy is started with.
 CONFIG_DIR = "/usr/local/etc/haproxy"
@@ -118,6 +121,8 @@ def render_config(cfg: RouterConfig) -> str:
     `init-addr none` lets the router start while a slot is empty; `retry-on` +
     `redispatch` send a request that hit a dead or vanished server to the other one, which
     is what keeps client requests from failing while a crashed candidate is taken out.
+    The `metrics` frontend is HAProxy's own Prometheus exporter: read-only (a model server
+    on the network can read the weights there, never change them).
     `http-no-delay`: a chat answer streams token by token; without it HAProxy holds small
     chunks back (MSG_MORE, Nagle) and tokens reached clients in batches, the first one
     tens of milliseconds late. One-write answers (embeddings) are not affected.
@@ -182,6 +187,12 @@ def render_config(cfg: RouterConfig) -> str:
         f"    http-request del-header {TOKEN_HEADER}\n"
         f"    http-request capture req.hdr({PROBE_HEADER}) len 16\n"
         f"    default_backend {BACKEND}\n"
+        "\n"
+        "frontend metrics\n"
+        f"    bind :{METRICS_PORT}\n"
+        "    no log\n"
+        "    http-request use-service prometheus-exporter if { path /metrics }\n"
+        "    http-request return status 404\n"
         "\n"
         f"backend {BACKEND}\n"
         "    balance roundrobin\n"

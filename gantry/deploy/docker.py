@@ -37,6 +37,7 @@ from gantry.adapters.haproxy import (
     CONFIG_DIR,
     CONFIG_PATH,
     FRONTEND_PORT,
+    METRICS_PORT,
     AccessRecord,
     RouterConfig,
     RuntimeAPI,
@@ -236,10 +237,12 @@ class DockerTarget:
             "-W" not in (existing.attrs.get("Config", {}).get("Cmd") or [])
             or admin_socket_of(existing.attrs) != self.admin_dir / ADMIN_SOCKET
             or config_dir_of(existing.attrs) != self.config_path.parent
+            or f"{METRICS_PORT}/tcp"
+            not in (existing.attrs.get("HostConfig", {}).get("PortBindings") or {})
         ):
             # Not in master-worker mode (dev builds), or a router of a Gantry whose runtime API
-            # listened on the network or whose configuration was a mounted file: it cannot
-            # be reloaded into this one, so replace it.
+            # listened on the network, whose configuration was a mounted file or which did
+            # not publish its metrics: it cannot be reloaded into this one, so replace it.
             log.warning("router %s cannot reload its configuration; replacing it", self.router_name)
             with contextlib.suppress(docker.errors.NotFound):
                 existing.remove(force=True)
@@ -302,7 +305,11 @@ class DockerTarget:
                     str(self.config_path.parent): {"bind": CONFIG_DIR, "mode": "ro"},
                     str(self.admin_dir): {"bind": ADMIN_DIR, "mode": "rw"},
                 },
-                ports={f"{FRONTEND_PORT}/tcp": port_binding},
+                ports={
+                    f"{FRONTEND_PORT}/tcp": port_binding,
+                    # Prometheus scrapes HAProxy's own exporter here (gantry.metrics).
+                    f"{METRICS_PORT}/tcp": ("127.0.0.1", None),
+                },
                 network=self.name,
                 labels=self._labels("router"),
                 # The endpoint outlives Gantry's processes and comes back with the engine.
@@ -487,7 +494,12 @@ class DockerTarget:
             return SlotState(False, "missing")
         st = c.attrs.get("State") or {}
         if c.status == "running":
-            return SlotState(True, "running")
+            return SlotState(
+                True,
+                "running",
+                restarts=int(c.attrs.get("RestartCount") or 0),
+                started_at=str(st.get("StartedAt") or ""),
+            )
         oom = " (killed for exceeding its memory limit)" if st.get("OOMKilled") else ""
         return SlotState(False, f"{c.status}, exit code {st.get('ExitCode')}{oom}")
 

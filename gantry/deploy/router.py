@@ -39,6 +39,10 @@ class ServerState:
 
     running: bool
     detail: str  # e.g. "running", "exited with code 137 (OOM)", "missing"
+    #: Restarts by the engine, and when the current run began: either changing while a
+    #: window is watched means the server restarted under it.
+    restarts: int = 0
+    started_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,3 +131,5 @@ class Target(Router, ModelServers, Protocol):
     """A deploy target: one model's router and its servers."""
 
     model: str
+    #: The deployment's name (its servers' and metrics' ``deployment`` label).
+    name: str

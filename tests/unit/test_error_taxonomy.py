@@ -107,6 +107,11 @@ EXPECTED: dict[str, Kind] = {
     # canary (router, deployment target)
     "RouterError": "permanent",
     "RouterUnavailableError": "transient",
+    "MetricsUnavailableError": "transient",
+    "PrometheusError": "base",
+    "PrometheusUnavailableError": "transient",
+    "PrometheusQueryError": "permanent",
+    "PrometheusResponseError": "permanent",
     "DeploymentNotFoundError": "permanent",
     "ChampionUnavailableError": "permanent",
     "CanaryLockedError": "permanent",
