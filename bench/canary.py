@@ -79,6 +79,19 @@ def measure(ctx: Any) -> tuple[dict[str, Any], list[Row]]:
     results["quality_failure"] = {
         "check_to_weight0_s": round(_ts(c["weight_zero_at"]) - _ts(c["first_failure_at"]), 3),
         "step_start_to_weight0_s": round(_ts(c["weight_zero_at"]) - step_start, 3),
+        # From the moment the quality probes' scores are known in Gantry: through the
+        # exporter, a scrape and a query for the Prometheus source; at once for the log.
+        "scored_to_weight0_s": round(
+            _ts(c["weight_zero_at"]) - _ts(c["verdicts"][-1]["quality_at"]), 3
+        ),
+    }
+    # 2b. the same failure decided from the router's access log (canary.metrics: router-log).
+    b.release(_spec(ctx, "degraded", w, metrics="router-log"), expect_rc=1)
+    c = _status(b.state)["canary"]
+    results["quality_failure_router_log"] = {
+        "scored_to_weight0_s": round(
+            _ts(c["weight_zero_at"]) - _ts(c["verdicts"][-1]["quality_at"]), 3
+        ),
     }
 
     # 3. a crash mid-window: v1's weights again as a new candidate, its container killed.
@@ -127,6 +140,8 @@ def measure(ctx: Any) -> tuple[dict[str, Any], list[Row]]:
     b.clear_deployments()
 
     g, q, k = results["good"], results["quality_failure"], results["crash"]
+    ql = results["quality_failure_router_log"]
+    scrape_s = 1.0  # the embedded Prometheus scrapes the exporter every second
     return results, [
         Row(
             f"good canary: traffic shift / its {len(verdicts)} windows of {w:g} s (s)",
@@ -159,6 +174,14 @@ def measure(ctx: Any) -> tuple[dict[str, Any], list[Row]]:
             None,
             f"<= window + 5 s ({w + 5:g})",
             q["step_start_to_weight0_s"] <= w + 5,
+        ),
+        Row(
+            "degraded candidate: scores known -> weight 0, prometheus / router-log (s)",
+            q["scored_to_weight0_s"],
+            ql["scored_to_weight0_s"],
+            round(q["scored_to_weight0_s"] / max(ql["scored_to_weight0_s"], 0.001), 1),
+            f"prometheus <= scrape + 2 s ({scrape_s + 2:g})",
+            q["scored_to_weight0_s"] <= scrape_s + 2,
         ),
         Row(
             "crashed candidate: kill -> weight 0 / its window (s)",

@@ -133,10 +133,19 @@ def bench_env(prefix: str) -> Iterator[Bench]:
         "GANTRY_LOCAL_REGISTRY_ADDR": f"127.0.0.1:{free_port()}",
         "GANTRY_HUB_ADDR": f"127.0.0.1:{free_port()}",
         "GANTRY_PREFECT_PORT": str(free_port()),
+        "GANTRY_PROMETHEUS_ADDR": f"127.0.0.1:{free_port()}",
+        "GANTRY_EXPORTER_ADDR": f"127.0.0.1:{free_port()}",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
     os.environ.update(env)
-    from gantry.localenv.services import hub_service, prefect_env, prefect_service, registry_service
+    os.environ.pop("GANTRY_PROMETHEUS_URL", None)
+    from gantry.localenv.services import (
+        hub_service,
+        metrics_services,
+        prefect_env,
+        prefect_service,
+        registry_service,
+    )
     from gantry.localhub.demo import assemble_demo
     from gantry.localhub.store import HubStore
     from gantry.settings import Settings
@@ -154,7 +163,8 @@ def bench_env(prefix: str) -> Iterator[Bench]:
         yield bench
     finally:
         bench.clear_deployments()
-        for s in reversed(services):
+        # The canary starts the exporter and Prometheus on first use.
+        for s in [*reversed(services), *metrics_services(settings)]:
             s.stop()
         shutil.rmtree(state, ignore_errors=True)
 

@@ -534,6 +534,13 @@ class DeployTarget(StrEnum):
     DOCKER = "docker"
 
 
+class CanaryMetrics(StrEnum):
+    """Where the canary's analysis reads traffic from."""
+
+    PROMETHEUS = "prometheus"
+    ROUTER_LOG = "router-log"
+
+
 class CanaryOptions(_Frozen):
     """How the candidate goes live: beside the champion, traffic shifted in steps, each
     step judged by an analysis window; any failed check rolls it back at once."""
@@ -543,6 +550,14 @@ class CanaryOptions(_Frozen):
         title="Deploy target",
         description="`docker`: a weighted HAProxy router and the model containers on the "
         "local Docker engine.",
+    )
+    metrics: CanaryMetrics = Field(
+        default=CanaryMetrics.PROMETHEUS,
+        title="Metrics source",
+        description="`prometheus`: every check is a named PromQL query (candidate vs "
+        "champion) against the embedded Prometheus or GANTRY_PROMETHEUS_URL, shown with its "
+        "value in the verdict; `router-log`: the router's access log, read directly, where "
+        "no Prometheus is wanted.",
     )
     port: int | None = Field(
         default=None,

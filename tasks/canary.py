@@ -109,6 +109,7 @@ def verdict_table(verdicts: tuple[StepVerdict, ...] | list[StepVerdict]) -> list
                     "observed": "" if chk.observed is None else f"{chk.observed:g}",
                     "limit": "" if chk.limit is None else f"{chk.limit:g}",
                     "detail": chk.detail,
+                    "query": " | ".join(chk.queries),
                 }
             )
     return rows

@@ -55,7 +55,7 @@ class GantryEnv:
 @pytest.fixture(scope="session")
 def gantry_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GantryEnv]:
     """Registry and Hub endpoint on free ports with a private state dir; torn down after."""
-    from gantry.localenv.services import hub_service, registry_service
+    from gantry.localenv.services import hub_service, metrics_services, registry_service
     from gantry.localhub.demo import assemble_demo
     from gantry.localhub.store import HubStore
     from gantry.settings import Settings
@@ -89,7 +89,8 @@ def gantry_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GantryEnv]:
             revisions=demo.revisions(),
         )
     finally:
-        for s in reversed(services):
+        # The canary starts the exporter and Prometheus on first use.
+        for s in [*reversed(services), *metrics_services(settings)]:
             s.stop()
         _remove_test_deployments(settings.deployments_dir)
         _remove_test_images(settings.registry)

@@ -147,6 +147,14 @@ def test_first_deploy_then_promotion_then_rollback_without_a_failed_request(
         assert promoted["outcome"] == "promoted" and promoted["previous_version"] == v1
         assert [v["weight"] for v in promoted["verdicts"]] == [10, 50]
         assert all(v["passed"] for v in promoted["verdicts"])
+        # Decided from Prometheus (the default): every traffic and quality check read its
+        # PromQL, and the candidate's usage over each window was measured there.
+        for v in promoted["verdicts"]:
+            assert v["source"] == "prometheus", v
+            checks = {c["name"]: c for c in v["checks"]}
+            assert "gantry_router_requests_total" in checks["success-rate"]["queries"][0]
+            assert "gantry_canary_quality_score" in checks["quality"]["queries"][0]
+            assert v["usage"]["memory_p99_mb"] > 10, v["usage"]
         assert promoted["endpoint"] == endpoint  # the model's address never moves
         assert _champion_alias(gantry_env) == v2
         assert _version_tags(gantry_env, v1)["gantry.superseded_by"] == v2
@@ -167,7 +175,15 @@ def test_first_deploy_then_promotion_then_rollback_without_a_failed_request(
     assert status["champion"]["version"] == v2 and status["candidate"] is None
     assert status["canary"]["phase"] == "rolled-back"
     bad_version = status["canary"]["candidate_version"]
-    assert _version_tags(gantry_env, bad_version)["gantry.canary.outcome"] == "rolled-back"
+    tags = _version_tags(gantry_env, bad_version)
+    assert tags["gantry.canary.outcome"] == "rolled-back"
+    # The failing query, with its value, is on the rolled-back version in MLflow.
+    assert tags["gantry.canary.metrics"] == "prometheus"
+    failing = [q for q in json.loads(tags["gantry.canary.queries"]) if q["check"] == "quality"]
+    assert failing and "gantry_canary_quality_score" in failing[0]["queries"][0], failing
+    (verdict,) = status["canary"]["verdicts"]
+    quality = next(c for c in verdict["checks"] if c["name"] == "quality")
+    assert quality["passed"] is False and quality["observed"] < quality["limit"], quality
     champ_slot = status["champion"]["slot"]
     assert _weights(gantry_env)[champ_slot] == 100
     running = _containers()

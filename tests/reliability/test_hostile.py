@@ -304,6 +304,7 @@ def test_a_champion_that_cannot_be_measured_is_no_pass(
     from gantry.spec import CanaryOptions
     from gantry.stages.canary.analysis import analyse_step
     from gantry.stages.canary.probes import Prober
+    from gantry.stages.canary.sources import RouterLogSource
     from tests.support import REPO_ROOT
 
     scenario.group = GROUP
@@ -338,7 +339,7 @@ def test_a_champion_that_cannot_be_measured_is_no_pass(
     prober = Prober(spec, target.endpoint, dataset, target.probe_headers)
     t0 = time.monotonic()
     try:
-        verdict = analyse_step(target, prober, opts, Slot.B, Slot.A, 0, 10)
+        verdict = analyse_step(target, prober, RouterLogSource(target), opts, Slot.B, Slot.A, 0, 10)
     finally:
         prober.close()
     took = time.monotonic() - t0

@@ -54,6 +54,7 @@ class World:
 
     # --- Target ----------------------------------------------------------------------------
     model = "m"
+    name = "gantry-m"
     endpoint = "http://127.0.0.1:1"
     port: int | None = 8090
 

@@ -50,7 +50,7 @@ T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
 def _win(n: int, fail: int = 0, ms: float = 10.0) -> SlotWindow:
-    return SlotWindow(requests=n, failures=fail, latencies_ms=tuple([ms] * (n - fail)))
+    return SlotWindow.from_latencies(n, fail, [ms] * (n - fail))
 
 
 # --- steps and weights -----------------------------------------------------------------------

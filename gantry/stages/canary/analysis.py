@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from gantry.adapters.haproxy import AccessRecord, Slot
-from gantry.deploy.router import Target
+from gantry.deploy.router import ServerState, Target
 from gantry.scoring import percentiles
 from gantry.spec import CanaryOptions
 
 if TYPE_CHECKING:
     from gantry.stages.canary.probes import Prober
+    from gantry.stages.canary.sources import MetricSource
 
 log = logging.getLogger("gantry.canary")
 
@@ -54,6 +55,11 @@ class CheckResult(BaseModel):
         description="The data the check needs is missing (the champion could not be "
         "measured): never a pass. A window that ends so is run again, then fails.",
     )
+    queries: tuple[str, ...] = Field(
+        default=(),
+        description="The PromQL the check read (candidate's, then champion's); empty for "
+        "the router-log source.",
+    )
 
 
 class StepVerdict(BaseModel):
@@ -70,6 +76,16 @@ class StepVerdict(BaseModel):
     candidate_requests: int
     champion_requests: int
     synthetic_requests: int
+    source: str = Field(default="router-log", description="canary.metrics of the window.")
+    quality_at: datetime | None = Field(
+        default=None,
+        description="When the quality probes' scores were known (decision-time measures).",
+    )
+    usage: dict[str, float] = Field(
+        default_factory=dict,
+        description="The candidate's CPU (cores) and memory (MB) p50/p99 over the window, "
+        "where the source measures them.",
+    )
 
     @property
     def failed_checks(self) -> tuple[str, ...]:
@@ -88,16 +104,28 @@ def analysed_steps(steps: Sequence[int]) -> tuple[int, ...]:
 
 
 class SlotWindow(BaseModel):
-    """What one server did in a window (from the router's access log)."""
+    """What one server did in a window, from the canary's metric source."""
 
     model_config = ConfigDict(frozen=True)
 
     requests: int = 0
     failures: int = 0
-    latencies_ms: tuple[float, ...] = ()
+    samples: int = Field(default=0, description="Answered requests behind the percentiles.")
+    p95_ms: float | None = None
+    p99_ms: float | None = None
 
-    def percentile(self, q: float) -> float | None:
-        return percentiles(self.latencies_ms, (q,))[0] if self.latencies_ms else None
+    @classmethod
+    def from_latencies(
+        cls, requests: int, failures: int, latencies_ms: Sequence[float]
+    ) -> SlotWindow:
+        """From every answered request's latency (the router-log source)."""
+        p95, p99 = percentiles(latencies_ms, (95, 99)) if latencies_ms else (None, None)
+        return cls(
+            requests=requests, failures=failures, samples=len(latencies_ms), p95_ms=p95, p99_ms=p99
+        )
+
+    def percentile(self, q: int) -> float | None:
+        return {95: self.p95_ms, 99: self.p99_ms}[q]
 
 
 class Quality(BaseModel):
@@ -122,6 +150,20 @@ class WindowObservations(BaseModel):
     candidate_down: str | None = Field(
         default=None, description="Why the candidate is not serving (exited, unhealthy)."
     )
+    quality_missing: str | None = Field(
+        default=None,
+        description="Quality was probed but its scores cannot be read back yet (why).",
+    )
+    ttft: tuple[SlotWindow, SlotWindow] | None = Field(
+        default=None,
+        description="Time to first token of candidate and champion (streamed chat only): "
+        "samples and percentiles, from the model servers' own histograms.",
+    )
+    traffic_missing: str | None = Field(
+        default=None,
+        description="The source has no traffic series for a slot (why): the traffic "
+        "checks cannot be judged, which is not the same as zero requests.",
+    )
 
 
 def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple[CheckResult, ...]:
@@ -132,7 +174,26 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
         checks.append(CheckResult(name="health", passed=False, detail=obs.candidate_down))
     else:
         checks.append(CheckResult(name="health", passed=True))
+    if obs.traffic_missing is not None:
+        checks.append(
+            CheckResult(
+                name="success-rate",
+                passed=None,
+                detail=obs.traffic_missing,
+                inconclusive=final,
+            )
+        )
+    else:
+        checks.extend(_traffic_checks(obs, opts, final=final))
+    checks.extend(_other_checks(obs, opts, final=final))
+    return tuple(checks)
 
+
+def _traffic_checks(
+    obs: WindowObservations, opts: CanaryOptions, *, final: bool
+) -> list[CheckResult]:
+    """Success rate and p95/p99 latency of the candidate against the champion."""
+    checks: list[CheckResult] = []
     cand = obs.candidate
     # Failures beyond what the allowed rate permits over the required sample cannot be
     # undone by more requests: fail now. Otherwise judge the rate at the window's end.
@@ -160,14 +221,14 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
     for q in (95, 99):
         c_ms, base_ms = cand.percentile(q), obs.champion.percentile(q)
         need = MIN_SAMPLES[q]
-        if final and len(cand.latencies_ms) < need and c_ms is not None:
+        if final and cand.samples < need and c_ms is not None:
             # The p99 of 20 requests is their maximum: one GC pause would fail the step.
             checks.append(
                 CheckResult(
                     name=f"latency-p{q}",
                     passed=None,
                     observed=round(c_ms, 1),
-                    detail=f"not judged: {len(cand.latencies_ms)} samples, p{q} needs {need}",
+                    detail=f"not judged: {cand.samples} samples, p{q} needs {need}",
                 )
             )
             continue
@@ -193,7 +254,27 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
             )
         )
 
-    if obs.quality is not None and obs.quality.champion is None:
+    return checks
+
+
+def _other_checks(
+    obs: WindowObservations, opts: CanaryOptions, *, final: bool
+) -> list[CheckResult]:
+    """Time to first token (chat) and quality."""
+    checks: list[CheckResult] = []
+    if obs.ttft is not None:
+        checks.append(_ttft_check(obs.ttft, opts, final=final))
+
+    if obs.quality_missing is not None:
+        checks.append(
+            CheckResult(
+                name="quality",
+                passed=None,
+                detail=obs.quality_missing,
+                inconclusive=final,
+            )
+        )
+    elif obs.quality is not None and obs.quality.champion is None:
         checks.append(
             CheckResult(
                 name="quality",
@@ -217,7 +298,49 @@ def judge(obs: WindowObservations, opts: CanaryOptions, *, final: bool) -> tuple
                 f"{qual.candidate:.3f} vs champion {champ_score:.3f}",
             )
         )
-    return tuple(checks)
+    return checks
+
+
+def _ttft_check(
+    ttft: tuple[SlotWindow, SlotWindow], opts: CanaryOptions, *, final: bool
+) -> CheckResult:
+    """The candidate's p95 time to first token against the champion's, as latency is
+    judged (ratio plus slack), at the window's end and with enough streamed answers."""
+    cand, champ = ttft
+    c_ms, base_ms = cand.p95_ms, champ.p95_ms
+    need = MIN_SAMPLES[95]
+    if not final:
+        return CheckResult(name="ttft-p95", passed=None, observed=_r(c_ms))
+    if cand.samples < need:
+        return CheckResult(
+            name="ttft-p95",
+            passed=None,
+            observed=_r(c_ms),
+            detail=f"{cand.samples} streamed answers of the candidate, p95 needs {need}",
+            inconclusive=True,
+        )
+    if c_ms is None or base_ms is None or champ.samples < need:
+        return CheckResult(
+            name="ttft-p95",
+            passed=None,
+            observed=_r(c_ms),
+            detail=f"no champion time to first token to compare with ({champ.samples} "
+            "streamed answers)",
+            inconclusive=True,
+        )
+    limit = base_ms * opts.max_latency_ratio + opts.latency_slack_ms
+    return CheckResult(
+        name="ttft-p95",
+        passed=c_ms <= limit,
+        observed=_r(c_ms),
+        limit=_r(limit),
+        detail=f"candidate {c_ms:.0f} ms vs champion {base_ms:.0f} ms (the servers' own "
+        "histograms)",
+    )
+
+
+def _r(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 1)
 
 
 def failed(checks: Sequence[CheckResult]) -> tuple[str, ...]:
@@ -254,9 +377,7 @@ class WindowCounter:
             self.latencies.append(float(rec.total_ms))
 
     def window(self) -> SlotWindow:
-        return SlotWindow(
-            requests=self.requests, failures=self.failures, latencies_ms=tuple(self.latencies)
-        )
+        return SlotWindow.from_latencies(self.requests, self.failures, self.latencies)
 
 
 def probes_wanted(min_requests: int, elapsed_s: float, window_s: float, have: int) -> int:
@@ -288,9 +409,32 @@ def verdict_summary(verdicts: tuple[StepVerdict, ...] | list[StepVerdict]) -> st
     )
 
 
+def query_tags(verdicts: Sequence[StepVerdict]) -> dict[str, str]:
+    """MLflow tags of the queries behind the verdicts: ``gantry.canary.metrics`` (the
+    source) and ``gantry.canary.queries`` (each check's queries and observed value, per
+    step, JSON; MLflow keeps 5000 characters of a tag, so the last steps come first)."""
+    if not verdicts:
+        return {}
+    rows = [
+        {"step": v.step + 1, "check": c.name, "observed": c.observed, "queries": list(c.queries)}
+        for v in reversed(verdicts)
+        for c in v.checks
+        if c.queries
+    ]
+    tags = {"gantry.canary.metrics": verdicts[-1].source}
+    if rows:
+        text = json.dumps(rows)
+        while len(text) > 5000 and rows:
+            rows.pop()
+            text = json.dumps(rows)
+        tags["gantry.canary.queries"] = text
+    return tags
+
+
 def analyse_step(
     target: Target,
     prober: Prober,
+    source: MetricSource,
     opts: CanaryOptions,
     cand: Slot,
     champ: Slot,
@@ -301,7 +445,7 @@ def analyse_step(
     window's end with the final judgement. A window that ends inconclusive (data a check
     needs is missing) is run again ``opts.inconclusive_retries`` times, then fails."""
     for attempt in range(opts.inconclusive_retries + 1):
-        verdict = _window(target, prober, opts, cand, champ, step, weight)
+        verdict = _window(target, prober, source, opts, cand, champ, step, weight, attempt)
         missing = inconclusive(verdict.checks)
         if verdict.passed or not missing or failed(verdict.checks):
             return verdict
@@ -315,11 +459,13 @@ def analyse_step(
 def _window(
     target: Target,
     prober: Prober,
+    source: MetricSource,
     opts: CanaryOptions,
     cand: Slot,
     champ: Slot,
     step: int,
     weight: int,
+    attempt: int,
 ) -> StepVerdict:
     started, t0 = _now(), time.monotonic()
     # Quality first, inside the window: its eval-set batches would queue the small
@@ -327,10 +473,11 @@ def _window(
     # what comes after it (the rest of the window, at least half of it). It also warms the
     # candidate up, as live traffic would.
     quality = prober.quality(cand, champ, opts.quality_probes)
-    target.observe()  # what came before belongs to no traffic check
+    quality_at = _now() if quality is not None else None
+    source.begin(f"{step + 1}.{attempt + 1}", quality, cand, champ)
+    first = target.state(cand)
     t_obs = time.monotonic()
     end = max(t0 + opts.window_s, t_obs + max(opts.window_s / 2, min_observation_s(opts)))
-    acc = {cand.value: WindowCounter(), champ.value: WindowCounter()}
     synthetic = 0
     # Probes run beside the checks: a probe stuck on a dying candidate must not delay the
     # health check that rolls it back.
@@ -339,22 +486,24 @@ def _window(
             tick = time.monotonic()
             final = tick >= end
             # The candidate's state first: a crash is the most urgent thing to notice.
-            down = _down(target, cand)
+            down = _down(target, cand, first)
             champ_state = target.state(champ)
-            for rec in target.observe():
-                if rec.probe == "quality":
-                    continue  # eval-set batches: judged by the quality check, not latency
-                if rec.server in acc:
-                    acc[rec.server].add(rec)
-                elif rec.failed:
-                    log.warning("the router could not serve a request (%s)", rec.termination)
+            if final:
+                source.settle(time.time() - (tick - end))
+            reading = source.read()
             obs = WindowObservations(
-                candidate=acc[cand.value].window(),
-                champion=acc[champ.value].window(),
-                quality=quality,
+                candidate=reading.candidate,
+                champion=reading.champion,
+                quality=reading.quality,
+                quality_missing=reading.quality_missing,
+                ttft=reading.ttft,
+                traffic_missing=reading.traffic_missing,
                 candidate_down=down,
             )
-            checks = judge(obs, opts, final=final)
+            checks = tuple(
+                c.model_copy(update={"queries": reading.queries.get(c.name, ())})
+                for c in judge(obs, opts, final=final)
+            )
             if not champ_state.running:
                 checks += (
                     CheckResult(
@@ -375,6 +524,9 @@ def _window(
                     candidate_requests=obs.candidate.requests,
                     champion_requests=obs.champion.requests,
                     synthetic_requests=synthetic,
+                    source=source.name,
+                    quality_at=quality_at,
+                    usage=source.usage() if final else {},
                 )
             due = probes_wanted(
                 opts.min_requests, tick - t_obs, end - t_obs, obs.candidate.requests
@@ -386,10 +538,19 @@ def _window(
             time.sleep(max(0.0, opts.interval_s - (time.monotonic() - tick)))
 
 
-def _down(target: Target, slot: Slot) -> str | None:
+def _down(target: Target, slot: Slot, first: ServerState | None = None) -> str | None:
     state = target.state(slot)
     if not state.running:
         return f"the candidate's container stopped: {state.detail}"
+    if first is not None and (state.restarts, state.started_at) != (
+        first.restarts,
+        first.started_at,
+    ):
+        return (
+            "the candidate's container restarted during the window "
+            f"({state.restarts - first.restarts} restart(s) by the engine; it came back, but "
+            "a model that crashes under canary traffic is not promoted)"
+        )
     routed = target.routed(slot)
     if routed is not None and not routed.up and not routed.parked:
         return f"the router's health check sees the candidate {routed.detail}"

@@ -36,6 +36,7 @@ from gantry.stages.canary.analysis import (
     StepVerdict,
     analysed_steps,
     describe_failure,
+    query_tags,
     verdict_summary,
 )
 from gantry.stages.canary.state import CanaryStatus, DeploymentStatus, Phase, Served, now
@@ -433,6 +434,7 @@ def _promote(
                 "gantry.canary.outcome": "promoted" if champ else "deployed",
                 "gantry.canary.decision_s": f"{(at - c.started_at).total_seconds():.1f}",
                 "gantry.canary.verdicts": verdict_summary(c.verdicts)[:5000],
+                **query_tags(c.verdicts),
                 "gantry.promoted_at": at.isoformat(),
             },
         )
@@ -495,6 +497,7 @@ def _abort(
             "gantry.canary.reason": reason[:5000],
             "gantry.canary.failed_checks": ",".join(checks),
             "gantry.canary.verdicts": verdict_summary(c.verdicts)[:5000],
+            **query_tags(c.verdicts),
         }
         if c.decided_at is not None:
             tags["gantry.canary.decision_s"] = (

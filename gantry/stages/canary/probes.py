@@ -135,7 +135,10 @@ class Prober:
         headers = self._headers(slot, "synthetic")
         try:
             if self.chat:
-                r = self._http.post(
+                # Streamed, as chat clients ask: the servers' time-to-first-token histograms
+                # (the ttft-p95 check) only see streamed answers.
+                with self._http.stream(
+                    "POST",
                     "/v1/chat/completions",
                     headers=headers,
                     json={
@@ -143,8 +146,11 @@ class Prober:
                         "messages": [{"role": "user", "content": text}],
                         "max_tokens": 8,
                         "temperature": 0,
+                        "stream": True,
                     },
-                )
+                ) as r:
+                    for _ in r.iter_bytes():
+                        pass
             else:
                 r = self._http.post(
                     "/v1/embeddings", headers=headers, json={"model": self.model, "input": [text]}

@@ -38,13 +38,14 @@ from gantry.errors import (
 )
 from gantry.record import serving_record
 from gantry.settings import Settings
-from gantry.spec import DeployTarget, ReleaseSpec
+from gantry.spec import CanaryMetrics, DeployTarget, Protocol, ReleaseSpec
 from gantry.stages.build import BuildResult
 from gantry.stages.canary import machine as m
 from gantry.stages.canary.analysis import StepVerdict, analyse_step, analysed_steps
 from gantry.stages.canary.executor import Deployment, Hooks
 from gantry.stages.canary.probes import Prober
 from gantry.stages.canary.serving import launch_for, release_from_record, start_recorded
+from gantry.stages.canary.sources import MetricSource, PrometheusSource, RouterLogSource
 from gantry.stages.canary.state import DeploymentStatus, DeploymentStore, Phase, Served, now
 from gantry.stages.register import RegisterResult, open_registry
 from gantry.stages.sign import SignResult
@@ -54,6 +55,9 @@ from gantry.stages.weights import WeightsResult
 log = logging.getLogger("gantry.canary")
 
 STAGE = "canary"
+#: How long a new candidate may take to appear in Prometheus (exporter discovery, file SD,
+#: first scrape: a few seconds) before the canary gives up as transient.
+METRICS_READY_S = 30.0
 
 
 class CanaryResult(BaseModel):
@@ -252,7 +256,8 @@ def run(
                 if champion is None:
                     _first_deploy_probe(prober, slot)
                 else:
-                    _shift(dep, prober, spec, slot, champion.slot)
+                    source = metric_source(spec, settings, dep.target, cand, champion)
+                    _shift(dep, prober, source, spec, slot, champion.slot)
             finally:
                 prober.close()
             dep.handle(m.Promote(opts.keep_warm_s))
@@ -398,11 +403,46 @@ def _first_deploy_probe(prober: Prober, slot: Slot) -> None:
         )
 
 
-def _shift(dep: Deployment, prober: Prober, spec: ReleaseSpec, cand: Slot, champ: Slot) -> None:
+def metric_source(
+    spec: ReleaseSpec, settings: Settings, target: Target, cand: Served, champion: Served
+) -> MetricSource:
+    """The ``canary.metrics`` source of this canary; for Prometheus, the exporter and the
+    embedded Prometheus started (unless GANTRY_PROMETHEUS_URL names one) and ready, with
+    series of both slots, before any traffic moves."""
+    if spec.canary.metrics is CanaryMetrics.ROUTER_LOG:
+        return RouterLogSource(target)
+    from gantry.adapters.prometheus import PrometheusClient
+    from gantry.localenv.services import metrics_services
+    from gantry.metrics.client import ExporterClient, load_or_create_token, token_path
+
+    for svc in metrics_services(settings):
+        svc.start()
+    token = load_or_create_token(token_path(settings.scrape_targets_dir))
+    source = PrometheusSource(
+        PrometheusClient(settings.prometheus_url, timeout_s=5),
+        ExporterClient(f"http://{settings.exporter_addr}", token),
+        deployment=target.name,
+        model=target.model,
+        release_id=spec.release_id,
+        versions={cand.slot: cand.version, champion.slot: champion.version},
+        chat=spec.runtime.protocol is Protocol.OPENAI_CHAT,
+    )
+    source.wait_ready((cand.slot, champion.slot), METRICS_READY_S)
+    return source
+
+
+def _shift(
+    dep: Deployment,
+    prober: Prober,
+    source: MetricSource,
+    spec: ReleaseSpec,
+    cand: Slot,
+    champ: Slot,
+) -> None:
     """Every analysed step, then the approval; raises after rolling back."""
     for i, weight in enumerate(analysed_steps(spec.canary.steps)):
         dep.handle(m.Shift(i, weight))
-        verdict = analyse_step(dep.target, prober, spec.canary, cand, champ, i, weight)
+        verdict = analyse_step(dep.target, prober, source, spec.canary, cand, champ, i, weight)
         dep.handle(m.Judged(verdict))
         log.info(
             "step %d (%d %%): %s",
