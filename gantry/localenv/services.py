@@ -336,6 +336,16 @@ def prometheus_config(settings: Settings) -> str:
                         "refresh_interval": "5s",
                     }
                 ],
+                # Model servers are untrusted: a candidate exposing the exporter's series
+                # names could pose as the router. The checks ask for job gantry-exporter
+                # anyway; dropping the names here keeps such series out of dashboards too.
+                "metric_relabel_configs": [
+                    {
+                        "source_labels": ["__name__"],
+                        "regex": "gantry_(router|canary|container|exporter)_.*",
+                        "action": "drop",
+                    }
+                ],
             },
         ],
     }

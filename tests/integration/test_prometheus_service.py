@@ -152,3 +152,36 @@ def test_metrics_services_follow_the_external_url(tmp_path: Path) -> None:
     assert exporter.health_path == "/healthz"
     with pytest.raises(ConfigError, match="GANTRY_PROMETHEUS_URL is not an http"):
         Settings.from_env({"GANTRY_PROMETHEUS_URL": "prom.internal:9090"})
+
+
+def test_a_model_server_cannot_pose_as_the_router(
+    prometheus: PrometheusProcess, prom_settings: Settings, target: MetricsTarget
+) -> None:
+    """A candidate's /metrics naming the exporter's series (a thousand successful
+    requests, say) reaches no canary query and no dashboard: those names are dropped from
+    the deployments job, and the checks read job gantry-exporter only."""
+    from prometheus_client import Counter
+
+    from gantry.adapters.haproxy import Slot
+    from gantry.stages.canary.sources import render
+
+    fake = Counter(
+        "gantry_router_requests",
+        "Posing as the exporter.",
+        ["deployment", "slot", "probe", "outcome", "job"],
+        registry=target.registry,
+    )
+    fake.labels("gantry-m", "b", "", "success", "gantry-exporter").inc(1000)
+    status = prometheus.start()
+    labels = {**TARGET_LABELS, "deployment": "gantry-m", "slot": "b"}
+    write_target_group(prom_settings.scrape_targets_dir, "gantry-m", target, labels)
+    with PrometheusClient(status.url) as prom:
+        wait_for(
+            lambda: bool(prom.query("gantry_test_requests_total").samples),
+            10,
+            "the model server's target was not scraped",
+        )
+        time.sleep(1.5)  # a few more scrapes of the fake series
+        assert not prom.query("gantry_router_requests_total").samples
+        q = render("requests", deployment="gantry-m", slot=Slot.B, window_s=30)
+        assert prom.query(q).scalar() is None
