@@ -152,7 +152,7 @@ def test_first_deploy_then_promotion_then_rollback_without_a_failed_request(
         for v in promoted["verdicts"]:
             assert v["source"] == "prometheus", v
             checks = {c["name"]: c for c in v["checks"]}
-            assert "gantry_router_requests_total" in checks["success-rate"]["queries"][0]
+            assert 'outcome="failure"' in checks["success-rate"]["queries"][0]
             assert "gantry_canary_quality_score" in checks["quality"]["queries"][0]
             assert v["usage"]["memory_p99_mb"] > 10, v["usage"]
         assert promoted["endpoint"] == endpoint  # the model's address never moves
@@ -166,6 +166,7 @@ def test_first_deploy_then_promotion_then_rollback_without_a_failed_request(
         stage = bad["stages"]["canary"]
         assert stage["status"] == "failed" and stage["error"]["type"] == "CanaryFailedError"
         assert "quality" in stage["error"]["message"]
+        assert "[query: max(gantry_canary_quality_score{" in stage["error"]["message"]
         assert _champion_alias(gantry_env) == v2  # untouched by the rollback
     finally:
         summary = load.stop()

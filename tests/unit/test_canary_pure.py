@@ -22,6 +22,7 @@ from gantry.deploy.docker import apply_order, check_weights
 from gantry.errors import CanaryLockedError, SpecError
 from gantry.spec import CanaryOptions, parse_spec
 from gantry.stages.canary.analysis import (
+    CheckResult,
     Quality,
     SlotWindow,
     StepVerdict,
@@ -386,3 +387,45 @@ SERVERS_STATE = """1
 
 def test_set_weights_are_read_back_from_servers_state() -> None:
     assert parse_server_weights(SERVERS_STATE) == {"a": 30, "b": 70}
+
+
+def test_no_traffic_series_is_inconclusive_not_zero_requests() -> None:
+    """A metrics source with no series (exporter down, scrape missing) says so: the
+    window cannot pass, and the candidate is not blamed for serving nothing."""
+    opts = CanaryOptions(min_requests=10)
+    obs = WindowObservations(
+        candidate=_win(0), champion=_win(0), traffic_missing="no series of slot b"
+    )
+    open_ = {c.name: c for c in judge(obs, opts, final=False)}
+    assert open_["success-rate"].passed is None and not open_["success-rate"].inconclusive
+    final = {c.name: c for c in judge(obs, opts, final=True)}
+    assert final["success-rate"].inconclusive and final["success-rate"].passed is None
+    assert "latency-p95" not in final  # nothing to judge latency from either
+
+
+def test_a_quality_score_not_readable_yet_is_open_then_inconclusive() -> None:
+    opts = CanaryOptions()
+    obs = WindowObservations(
+        candidate=_win(100), champion=_win(100), quality_missing="not scraped yet"
+    )
+    assert {c.name: c for c in judge(obs, opts, final=False)}["quality"].passed is None
+    final = {c.name: c for c in judge(obs, opts, final=True)}["quality"]
+    assert final.inconclusive and final.passed is None
+
+
+def test_ttft_p95_is_judged_like_latency_at_the_window_end() -> None:
+    opts = CanaryOptions(max_latency_ratio=1.5, latency_slack_ms=50)
+
+    def ttft(cand_ms: float, champ_ms: float, n: int = 30) -> dict[str, CheckResult]:
+        obs = WindowObservations(
+            candidate=_win(30),
+            champion=_win(30),
+            ttft=(SlotWindow(samples=n, p95_ms=cand_ms), SlotWindow(samples=30, p95_ms=champ_ms)),
+        )
+        return {c.name: c for c in judge(obs, opts, final=True)}
+
+    assert ttft(340, 200)["ttft-p95"].passed is True  # 200 * 1.5 + 50 = 350
+    slow = ttft(360, 200)["ttft-p95"]
+    assert slow.passed is False and slow.limit == 350.0
+    few = ttft(100, 200, n=5)["ttft-p95"]
+    assert few.inconclusive and few.passed is None

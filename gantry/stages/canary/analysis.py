@@ -352,8 +352,11 @@ def inconclusive(checks: Sequence[CheckResult]) -> tuple[str, ...]:
 
 
 def describe_failure(checks: Sequence[CheckResult]) -> str:
+    """The failed (or inconclusive) checks, each with the candidate's query, if any."""
     return "; ".join(
-        f"{c.name}: {c.detail}" + (" (inconclusive)" if c.inconclusive else "")
+        f"{c.name}: {c.detail}"
+        + (" (inconclusive)" if c.inconclusive else "")
+        + (f" [query: {c.queries[0]}]" if c.queries else "")
         for c in checks
         if c.passed is False or c.inconclusive
     )

@@ -117,7 +117,8 @@ class Reading:
     quality_missing: str | None = None
     ttft: tuple[SlotWindow, SlotWindow] | None = None
     traffic_missing: str | None = None
-    #: check name -> the queries it read (candidate's, then champion's)
+    #: check name -> the queries it read, the candidate's first (its check's own figure
+    #: first among them), then the champion's
     queries: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -291,12 +292,13 @@ class PrometheusSource:
 
         windows, missing_traffic = [], []
         for slot in (cand, champ):
+            # Each check's own figure first: the candidate's is then queries[0].
+            failures = q("success-rate", "failures", slot)
             requests = q("success-rate", "requests", slot)
             if requests is None:
                 missing_traffic.append(slot.value)
-            failures = q("success-rate", "failures", slot)
-            samples = q("latency-p95", "latency-samples", slot)
             p95 = q("latency-p95", "latency-p95", slot)
+            samples = q("latency-p95", "latency-samples", slot)
             p99 = q("latency-p99", "latency-p99", slot)
             windows.append(
                 SlotWindow(
@@ -311,8 +313,8 @@ class PrometheusSource:
         if self.chat:
             ttfts = []
             for slot in (cand, champ):
-                n = q("ttft-p95", "ttft-samples", slot)
                 p95 = q("ttft-p95", "ttft-p95", slot)
+                n = q("ttft-p95", "ttft-samples", slot)
                 ttfts.append(
                     SlotWindow(samples=round(n or 0), p95_ms=None if p95 is None else p95 * 1000)
                 )
