@@ -118,14 +118,16 @@ class EvalResult(BaseModel):
                 out[key] = float(value)
         if self.score is not None:
             out[self.metric] = self.score
+        # Named as stage `register` flattens the result (``eval.usage.cpu_p99_cores``), so
+        # a release run and a re-evaluation log the figures under one name.
         if self.usage is not None:
             for key in ("cpu_p50_cores", "cpu_p99_cores", "memory_p50_mb", "memory_p99_mb"):
                 if (value := getattr(self.usage, key)) is not None:
-                    out[f"usage_{key}"] = float(value)
+                    out[f"usage.{key}"] = float(value)
         if self.limits is not None:
             for key in ("recommended_cpus", "recommended_memory_mb"):
                 if (value := getattr(self.limits, key)) is not None:
-                    out[key] = float(value)
+                    out[f"limits.{key}"] = float(value)
         return out
 
 

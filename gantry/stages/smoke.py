@@ -362,7 +362,12 @@ def run(
     settings: Settings,
     client: docker_engine.DockerClient | None = None,
 ) -> SmokeResult:
-    """Verify, run hardened, wait for health, probe, check accelerator and start period."""
+    """Verify, run hardened, wait for health, probe, check accelerator and start period.
+    An OOM kill while the model loads fails with ResourceLimitError and both figures."""
+    from gantry.adapters.docker_stats import UsageSampler
+    from gantry.stages.evaluate import USAGE_INTERVAL_S
+    from gantry.usage import check_limits
+
     t0 = time.monotonic()
     opts = spec.smoke
     if sign.image != build.image:
@@ -395,10 +400,17 @@ def run(
             try:
                 log.info("container %s started (attempt %d)", running.id[:12], attempt)
                 try:
-                    cold, health = containers.wait_healthy(
-                        running, spec.runtime.health_path, opts.deadline_s
-                    )
+                    # Sampled while it loads: a memory limit under the load's peak kills
+                    # every start, and the error must say by how much (evaluate samples
+                    # the eval set's load the same way).
+                    with UsageSampler(client, running.id, USAGE_INTERVAL_S) as sampler:
+                        cold, health = containers.wait_healthy(
+                            running, spec.runtime.health_path, opts.deadline_s
+                        )
                 except ContainerStartError as exc:
+                    usage = sampler.summary()
+                    if usage.oom_killed:
+                        check_limits(usage, opts.cpus, opts.memory_mb)
                     if _may_restart(exc, attempt, opts.start_attempts):
                         continue
                     raise

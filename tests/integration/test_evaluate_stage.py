@@ -249,8 +249,8 @@ def test_release_evaluation_carries_usage(
     assert a.recommended_memory_mb is not None
     assert a.recommended_memory_mb >= u.memory_p99_mb * 1.2
     m = r.metrics()
-    assert m["usage_memory_p99_mb"] == u.memory_p99_mb
-    assert m["recommended_memory_mb"] == a.recommended_memory_mb
+    assert m["usage.memory_p99_mb"] == u.memory_p99_mb
+    assert m["limits.recommended_memory_mb"] == a.recommended_memory_mb
 
 
 def test_memory_limit_under_the_observed_p99_fails(

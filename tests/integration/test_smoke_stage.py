@@ -152,6 +152,27 @@ def test_unhealthy_runtime_fails_fast_and_leaves_nothing(
     assert _smoke_containers(client, spec) == []
 
 
+def test_a_memory_limit_under_the_model_load_fails_with_both_figures(
+    gantry_env: GantryEnv,
+    built: BuildResult,
+    weights: WeightsResult,
+    signed: SignResult,
+    client: docker.DockerClient,
+) -> None:
+    """The demo model's working set is about 235 MiB: at 160 MiB the engine kills it
+    while it loads, and smoke fails on the limit, naming it, what it saw, and the fix
+    (not a retried start, not a bare "exited with code 137")."""
+    from gantry.errors import ResourceLimitError
+
+    spec = _spec(gantry_env, smoke={"memory_mb": 160, "start_attempts": 2})
+    with pytest.raises(ResourceLimitError) as info:
+        smoke.run(spec, built, weights, signed, Settings.from_env(), client)
+    err, text = info.value, str(info.value)
+    assert err.configured_mb == 160 and "smoke.memory_mb 160 MiB" in text and "OOM" in text
+    assert "fix: " in text and "smoke.memory_mb: " in text.split("fix: ")[1]
+    assert _smoke_containers(client, spec) == []
+
+
 def test_health_never_green_times_out_at_the_deadline(
     gantry_env: GantryEnv,
     built: BuildResult,

@@ -167,9 +167,9 @@ def test_eval_result_carries_usage_into_metrics_and_the_record() -> None:
     usage = _summary(cpu_p99=0.5, mem_p99=300.0)
     r = _eval_result(usage=usage, limits=recommend(usage, 2.0, 2048))
     m = r.metrics()
-    assert m["usage_cpu_p50_cores"] == 0.25 and m["usage_cpu_p99_cores"] == 0.5
-    assert m["usage_memory_p50_mb"] == 290.0 and m["usage_memory_p99_mb"] == 300.0
-    assert (m["recommended_cpus"], m["recommended_memory_mb"]) == (0.6, 368.0)
+    assert m["usage.cpu_p50_cores"] == 0.25 and m["usage.cpu_p99_cores"] == 0.5
+    assert m["usage.memory_p50_mb"] == 290.0 and m["usage.memory_p99_mb"] == 300.0
+    assert (m["limits.recommended_cpus"], m["limits.recommended_memory_mb"]) == (0.6, 368.0)
     # A cached result is read back from the record's JSON with its figures.
     again = EvalResult.model_validate(json.loads(r.model_dump_json()))
     assert again == r and again.usage == usage
@@ -179,6 +179,8 @@ def test_eval_result_carries_usage_into_metrics_and_the_record() -> None:
     assert logged["eval.usage.memory_p99_mb"] == 300.0
     assert logged["eval.limits.recommended_cpus"] == 0.6
     assert logged["eval.limits.recommended_memory_mb"] == 368.0
+    # A re-evaluation logs metrics() under eval.*: the same names as the release run.
+    assert {f"eval.{k}": v for k, v in m.items() if "." in k}.items() <= logged.items()
 
 
 def test_a_record_from_before_sampling_still_loads() -> None:
