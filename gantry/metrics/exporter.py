@@ -412,6 +412,7 @@ class Exporter:
         self._stop = threading.Event()
         self._written: dict[str, str] = {}
         self._containers: dict[str, tuple[str, ...]] = {}
+        self._cursors: dict[str, datetime] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self.store, self))
 
@@ -453,6 +454,7 @@ class Exporter:
         for cid, (t, _) in list(self._followers.items()):
             if cid not in live_ids and not t.is_alive():
                 del self._followers[cid]
+                self._cursors.pop(cid, None)
         self._write_targets(scrape_targets(routers, slots))
         self._wanted(routers, slots)
         self.store.prune({(s.deployment, s.slot, s.version) for s in slots if s.running})
@@ -524,8 +526,10 @@ class Exporter:
     # --- router logs -----------------------------------------------------------------
 
     def _follow(self, router: RouterInfo) -> None:
-        """Count every access line the router writes from now on (or from its start)."""
-        last = self.started
+        """Count every access line the router writes from now on (or from its start),
+        each once: where a stream stopped is kept per router, across reopened streams and
+        a follower started again."""
+        last = self._cursors.get(router.container_id, self.started)
         client = connect(timeout_s=FOLLOW_TIMEOUT_S)
         log.info("following the access log of %s", router.container)
         try:
@@ -544,12 +548,13 @@ class Exporter:
                         rec = parse_access_line(line)
                         if rec is None or rec.at <= last:
                             continue
-                        last = rec.at
+                        last = self._cursors[router.container_id] = rec.at
                         self.store.record(router.deployment, router.model, rec)
                 except docker.errors.NotFound:
                     return
-                except (docker.errors.APIError, requests.RequestException) as exc:
-                    # A quiet router times the stream out: reopen it where it stopped.
+                except Exception as exc:
+                    # A quiet router times the stream out (urllib3 raises its own errors
+                    # from a streamed body): reopen it where it stopped.
                     log.debug("log stream of %s: %s; reopening", router.container, exc)
                 try:
                     if client.containers.get(router.container_id).status != "running":
