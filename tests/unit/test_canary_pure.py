@@ -427,5 +427,14 @@ def test_ttft_p95_is_judged_like_latency_at_the_window_end() -> None:
     assert ttft(340, 200)["ttft-p95"].passed is True  # 200 * 1.5 + 50 = 350
     slow = ttft(360, 200)["ttft-p95"]
     assert slow.passed is False and slow.limit == 350.0
-    few = ttft(100, 200, n=5)["ttft-p95"]
-    assert few.inconclusive and few.passed is None
+    few = ttft(100, 200, n=5)["ttft-p95"]  # not judged, as latency with few samples
+    assert few.passed is None and not few.inconclusive and "not judged" in few.detail
+    no_base = ttft(100, 200)
+    no_base_obs = WindowObservations(
+        candidate=_win(30),
+        champion=_win(30),
+        ttft=(SlotWindow(samples=30, p95_ms=100), SlotWindow(samples=0, p95_ms=None)),
+    )
+    missing = {c.name: c for c in judge(no_base_obs, opts, final=True)}["ttft-p95"]
+    assert missing.inconclusive and missing.passed is None  # nothing to compare with
+    assert no_base["ttft-p95"].passed is True

@@ -312,12 +312,12 @@ def _ttft_check(
     if not final:
         return CheckResult(name="ttft-p95", passed=None, observed=_r(c_ms))
     if cand.samples < need:
+        # As for latency: the p95 of a handful of answers is their slowest one.
         return CheckResult(
             name="ttft-p95",
             passed=None,
             observed=_r(c_ms),
-            detail=f"{cand.samples} streamed answers of the candidate, p95 needs {need}",
-            inconclusive=True,
+            detail=f"not judged: {cand.samples} streamed answers, p95 needs {need}",
         )
     if c_ms is None or base_ms is None or champ.samples < need:
         return CheckResult(

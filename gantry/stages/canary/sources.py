@@ -314,14 +314,17 @@ class PrometheusSource:
             )
         ttft = None
         if self.chat:
-            ttfts = []
+            ttfts, exported = [], False
             for slot in (cand, champ):
                 p95 = q("ttft-p95", "ttft-p95", slot)
                 n = q("ttft-p95", "ttft-samples", slot)
+                exported = exported or n is not None
                 ttfts.append(
                     SlotWindow(samples=round(n or 0), p95_ms=None if p95 is None else p95 * 1000)
                 )
-            ttft = (ttfts[0], ttfts[1])
+            # Neither server exports gantry_runtime_ttft_seconds (a runtime with metrics of
+            # its own, e.g. vLLM's): no TTFT check, rather than one that can never pass.
+            ttft = (ttfts[0], ttfts[1]) if exported else None
         quality, missing = None, None
         if self._quality is not None:
             c_score = q("quality", "quality", cand)
