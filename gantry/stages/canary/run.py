@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -200,6 +201,9 @@ def run(
     opts = spec.canary
     model, version = registered.model_name, registered.version
     dataset = quality_set(spec)  # a bad eval set fails before anything moves
+    # Started beside the candidate's start, not after it: Prometheus and the exporter take
+    # seconds to come up, and the analysis needs them only once the candidate serves.
+    metrics_up = _start_metrics(spec, settings)
     if opts.manual_approval and hooks.approve is None:
         raise ConfigError(
             "canary.manual_approval needs a person to approve in the Prefect UI, but this "
@@ -256,6 +260,8 @@ def run(
                 if champion is None:
                     _first_deploy_probe(prober, slot)
                 else:
+                    if metrics_up is not None:
+                        metrics_up.result()
                     source = metric_source(spec, settings, dep.target, cand, champion)
                     _shift(dep, prober, source, spec, slot, champion.slot)
             finally:
@@ -403,6 +409,30 @@ def _first_deploy_probe(prober: Prober, slot: Slot) -> None:
         )
 
 
+def _start_metrics(spec: ReleaseSpec, settings: Settings) -> Future[None] | None:
+    """The exporter and Prometheus (local) starting in the background, when the canary
+    reads Prometheus; :func:`metric_source` waits for them."""
+    if spec.canary.metrics is not CanaryMetrics.PROMETHEUS:
+        return None
+    from gantry.localenv.services import metrics_services
+
+    def start() -> None:
+        for svc in metrics_services(settings):
+            svc.start()
+
+    def report(done: Future[None]) -> None:
+        if (exc := done.exception()) is not None:
+            log.warning("the metrics services did not start: %s", exc)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-start")
+    try:
+        started = pool.submit(start)
+        started.add_done_callback(report)
+        return started
+    finally:
+        pool.shutdown(wait=False)
+
+
 def metric_source(
     spec: ReleaseSpec, settings: Settings, target: Target, cand: Served, champion: Served
 ) -> MetricSource:
@@ -416,7 +446,7 @@ def metric_source(
     from gantry.metrics.client import ExporterClient, load_or_create_token, token_path
 
     for svc in metrics_services(settings):
-        svc.start()
+        svc.start()  # at once when _start_metrics got them up
     token = load_or_create_token(token_path(settings.scrape_targets_dir))
     source = PrometheusSource(
         PrometheusClient(settings.prometheus_url, timeout_s=5),
