@@ -132,6 +132,8 @@ def _env_summary(settings: Settings) -> dict[str, object]:
     from gantry.localenv.services import (
         exporter_service,
         hub_service,
+        mlflow_server_service,
+        postgres_service,
         prefect_service,
         prometheus_service,
         registry_service,
@@ -142,13 +144,14 @@ def _env_summary(settings: Settings) -> dict[str, object]:
     factories = [registry_service, hub_service, prefect_service, worker_service, exporter_service]
     if settings.prometheus_is_local:
         factories.append(prometheus_service)
+    if _tracking_is_embedded(settings):
+        factories += [postgres_service, mlflow_server_service]
     for factory in factories:
+        name = factory.__name__.removesuffix("_service").removesuffix("_server")
         try:
-            services[factory.__name__.removesuffix("_service")] = (
-                factory(settings).status().model_dump()
-            )
+            services[name] = factory(settings).status().model_dump()
         except GantryError as exc:
-            services[factory.__name__.removesuffix("_service")] = {"error": str(exc)}
+            services[name] = {"error": redact_text(str(exc))}
     if not settings.prometheus_is_local:
         services["prometheus"] = _external_prometheus(settings)
     try:
@@ -170,8 +173,11 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         "prefect_ui_url": (
             os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
         ).removesuffix("/api"),
-        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{settings.state_dir / 'mlflow' / 'mlflow.db'}",
+        "topology": settings.topology,
+        "mlflow_tracking_uri": redact_text(
+            os.environ.get("MLFLOW_TRACKING_URI") or settings.default_tracking_uri
+        ),
+        "mlflow_embedded_server": _tracking_is_embedded(settings),
         "registry": settings.registry,
         "registry_embedded": settings.registry_is_local,
         "hub_endpoint": settings.hub_url,
@@ -180,6 +186,12 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         "docker": docker_info,
         "services": services,
     }
+
+
+def _tracking_is_embedded(settings: Settings) -> bool:
+    """Whether Gantry runs the tracking server (and its PostgreSQL) itself: the multi
+    topology, unless MLFLOW_TRACKING_URI names a tracking store."""
+    return settings.topology == "multi" and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _external_prometheus(settings: Settings) -> dict[str, object]:
@@ -241,6 +253,9 @@ def cmd_env(args: argparse.Namespace) -> int:
         client = connect(timeout_s=30)
         if settings.registry_is_local:
             log.info("registry: %s", svc.registry_service(settings).start().url)
+        if _tracking_is_embedded(settings):
+            for service in svc.tracking_services(settings):
+                log.info("%s: %s", service.name, service.start().url)
         if not args.no_metrics:
             for service in svc.metrics_services(settings):
                 log.info("%s: %s", service.name, service.start().url)
@@ -261,6 +276,9 @@ def cmd_env(args: argparse.Namespace) -> int:
             svc.hub_service,
             svc.exporter_service,
             svc.prometheus_service,
+            # The tracking server before the database it writes to.
+            svc.mlflow_server_service,
+            svc.postgres_service,
             svc.registry_service,
         ):
             try:
@@ -285,6 +303,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     else:
         for k in (
             "state_dir",
+            "topology",
             "prefect_api_url",
             "prefect_ui_url",
             "mlflow_tracking_uri",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,6 +36,22 @@ def _url(value: str, var: str) -> str | None:
             f"{var} is not an http(s) URL", fix=f"e.g. {var}=http://prometheus.internal:9090"
         )
     return value
+
+
+Topology = Literal["single", "multi"]
+_TOPOLOGIES: tuple[Topology, ...] = ("single", "multi")
+
+
+def _topology(value: str) -> Topology:
+    value = value.strip().lower() or "single"
+    for known in _TOPOLOGIES:
+        if value == known:
+            return known
+    raise ConfigError(
+        f"GANTRY_TOPOLOGY={value!r} is not one of {', '.join(_TOPOLOGIES)}",
+        fix="unset GANTRY_TOPOLOGY (one machine), or set GANTRY_TOPOLOGY=multi (the tracking "
+        "store is an MLflow server on PostgreSQL that several hosts share)",
+    )
 
 
 def _token_hosts(value: str) -> dict[str, tuple[str, ...]]:
@@ -77,6 +94,22 @@ class Settings(BaseModel):
     exporter_addr: str = Field(
         default="127.0.0.1:5078",
         description="HOST:PORT Gantry's own metrics exporter listens on (GANTRY_EXPORTER_ADDR).",
+    )
+    topology: Topology = Field(
+        default="single",
+        description="GANTRY_TOPOLOGY: `single` (one machine; MLflow on SQLite under the state "
+        "dir) or `multi` (state other hosts must see lives in services: `gantry env up` runs an "
+        "MLflow tracking server on PostgreSQL unless MLFLOW_TRACKING_URI names one).",
+    )
+    postgres_addr: str = Field(
+        default="127.0.0.1:5079",
+        description="HOST:PORT the embedded PostgreSQL listens on (GANTRY_POSTGRES_ADDR); "
+        "multi topology only.",
+    )
+    mlflow_server_addr: str = Field(
+        default="127.0.0.1:5080",
+        description="HOST:PORT the embedded MLflow tracking server listens on "
+        "(GANTRY_MLFLOW_ADDR); multi topology only.",
     )
     worker_port: int = Field(
         default=4277,
@@ -134,6 +167,13 @@ class Settings(BaseModel):
                 e.get("GANTRY_EXPORTER_ADDR", "127.0.0.1:5078"), "GANTRY_EXPORTER_ADDR"
             ),
             worker_port=int(e.get("GANTRY_WORKER_PORT", "4277")),
+            topology=_topology(e.get("GANTRY_TOPOLOGY", "")),
+            postgres_addr=_hostport(
+                e.get("GANTRY_POSTGRES_ADDR", "127.0.0.1:5079"), "GANTRY_POSTGRES_ADDR"
+            ),
+            mlflow_server_addr=_hostport(
+                e.get("GANTRY_MLFLOW_ADDR", "127.0.0.1:5080"), "GANTRY_MLFLOW_ADDR"
+            ),
             token_hosts=_token_hosts(e.get("GANTRY_TOKEN_HOSTS", "")),
         )
 
@@ -192,6 +232,28 @@ class Settings(BaseModel):
         """File service discovery: one JSON target-group file per deployment, written by the
         exporter, read by Prometheus (``file_sd_configs``)."""
         return self.prometheus_dir / "targets"
+
+    @cached_property
+    def postgres_dir(self) -> Path:
+        """The embedded PostgreSQL's cluster (``data/``), socket dir and password file."""
+        return self.state_dir / "postgres"
+
+    @cached_property
+    def mlflow_artifacts_dir(self) -> Path:
+        """Where the embedded MLflow server keeps the artifacts it serves (multi topology)."""
+        return self.state_dir / "mlflow" / "artifacts-server"
+
+    @property
+    def mlflow_server_url(self) -> str:
+        return f"http://{self.mlflow_server_addr}"
+
+    @property
+    def default_tracking_uri(self) -> str:
+        """The tracking store when neither MLFLOW_TRACKING_URI nor the spec names one:
+        SQLite under the state dir (single), the embedded MLflow server (multi)."""
+        if self.topology == "multi":
+            return self.mlflow_server_url
+        return f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
 
     @property
     def prometheus_is_local(self) -> bool:

@@ -5,6 +5,9 @@
 #   docker-registry  the distribution registry v2 binary Gantry runs as its embedded registry
 #   prometheus       the metrics server Gantry runs as its embedded Prometheus (the canary's
 #                    checks are PromQL queries over what it scrapes)
+#   postgresql       the database of the MLflow tracking server Gantry runs for
+#                    GANTRY_TOPOLOGY=multi (bookworm: PostgreSQL 15; initdb, postgres and
+#                    pg_isready under /usr/lib/postgresql/15/bin)
 #   wrk              the load generator of the benchmarks
 #   chromium         the browser test of the Prefect UI's run form (tests/e2e/test_ui_release.py)
 #   chromium-driver  chromedriver for that test (Selenium drives Debian's chromium through it)
@@ -22,9 +25,14 @@
 # starts it. Gantry never uses it either: it runs its own Prometheus, with its own
 # configuration and data under the state dir, on GANTRY_PROMETHEUS_ADDR (default
 # 127.0.0.1:5077); `systemctl disable --now prometheus` stops the system one.
+# And the postgresql package creates a cluster (/var/lib/postgresql/15/main) and a service
+# on :5432 when the init system starts it. Gantry never uses that cluster either: it runs its
+# own, created with its own password under the state dir (GANTRY_STATE_DIR/postgres), on
+# GANTRY_POSTGRES_ADDR (default 127.0.0.1:5079), as the package's `postgres` system user
+# when Gantry runs as root; `systemctl disable --now postgresql` stops the system one.
 set -euo pipefail
 
-PACKAGES=(debootstrap docker-registry prometheus wrk chromium chromium-driver libssl-dev pkg-config)
+PACKAGES=(debootstrap docker-registry prometheus postgresql wrk chromium chromium-driver libssl-dev pkg-config)
 
 say() { printf 'install-system-deps: %s\n' "$*"; }
 

@@ -1,5 +1,6 @@
-"""The embedded services: local OCI registry, local Hub endpoint, Prefect server, and the
-metrics pair (Gantry's exporter and Prometheus).
+"""The embedded services: local OCI registry, local Hub endpoint, Prefect server, the
+metrics pair (Gantry's exporter and Prometheus), and, for GANTRY_TOPOLOGY=multi, the
+tracking pair (PostgreSQL and an MLflow tracking server on it).
 
 Each runs as a detached process with a pid file and a log file under
 ``<state dir>/services``, is health-checked before use, and is started idempotently:
@@ -13,12 +14,15 @@ import fcntl
 import hashlib
 import logging
 import os
+import pwd
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +31,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from gantry.atomicfile import write_atomic
-from gantry.errors import ServiceError
-from gantry.proc import pid_alive, which
+from gantry.errors import GantryError, ServiceError, ToolNotFoundError
+from gantry.proc import pid_alive, redact_text, run, which
 from gantry.settings import Settings
 from gantry.tls import tls_context
 
@@ -79,6 +83,8 @@ class ManagedProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 60
     port_env_var: str = ""
+    #: Values never shown: removed from the log lines a startup failure quotes.
+    secrets: Sequence[str] = ()
 
     @property
     def url(self) -> str:
@@ -121,9 +127,10 @@ class ManagedProcess:
 
     def _log_tail(self, lines: int = 15) -> str:
         try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+            tail = "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+        return redact_text(tail, self.secrets)
 
     def start(self) -> ServiceStatus:
         """Start the process unless it already answers; wait until it is healthy."""
@@ -525,3 +532,369 @@ def worker_service(
         startup_timeout_s=90,
         port_env_var="GANTRY_WORKER_PORT",
     )
+
+
+# --- the tracking pair (GANTRY_TOPOLOGY=multi) ---------------------------------------------
+
+#: The embedded cluster's superuser (MLflow connects as it) and MLflow's database.
+POSTGRES_USER = "gantry"
+MLFLOW_DATABASE = "mlflow"
+#: The system user Debian's postgresql package creates: PostgreSQL refuses to run as root.
+POSTGRES_SYSTEM_USER = "postgres"
+_POSTGRES_HINT = "run `make system-deps` (apt-get install postgresql)"
+# A Unix socket path longer than this (sun_path, less the NUL) cannot be bound.
+_SOCKET_PATH_MAX = 107
+
+
+def postgres_bin(tool: str) -> Path:
+    """A PostgreSQL server binary (``initdb``, ``postgres``, ``pg_isready``).
+
+    Debian keeps them off PATH, under /usr/lib/postgresql/<major>/bin: looked for in
+    ``$GANTRY_POSTGRES_BIN_DIR``, then ``pg_config --bindir``, then the newest major under
+    /usr/lib/postgresql, then PATH.
+    """
+    if override := os.environ.get("GANTRY_POSTGRES_BIN_DIR"):
+        path = Path(override) / tool
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise ToolNotFoundError(
+            tool,
+            env_var=None,
+            install_hint=f"GANTRY_POSTGRES_BIN_DIR={override} holds no executable {tool}; "
+            "fix the variable or unset it",
+        )
+    dirs: list[Path] = []
+    if pg_config := shutil.which("pg_config"):
+        with contextlib.suppress(GantryError):
+            dirs.append(Path(run([pg_config, "--bindir"], timeout_s=10).stdout.strip()))
+
+    def major(p: Path) -> int:
+        return int(p.parent.name) if p.parent.name.isdigit() else -1
+
+    dirs += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=major, reverse=True)
+    for d in dirs:
+        path = d / tool
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    if found := shutil.which(tool):
+        return Path(found)
+    raise ToolNotFoundError(tool, env_var="GANTRY_POSTGRES_BIN_DIR", install_hint=_POSTGRES_HINT)
+
+
+def _run_as() -> pwd.struct_passwd | None:
+    """The account PostgreSQL runs as when Gantry runs as root (None: as Gantry itself)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(POSTGRES_SYSTEM_USER)
+    except KeyError:
+        raise ServiceError(
+            f"PostgreSQL refuses to run as root, and there is no `{POSTGRES_SYSTEM_USER}` "
+            "system user to run it as",
+            fix=f"{_POSTGRES_HINT}: Debian's package creates the user; or run Gantry as "
+            "another user",
+        ) from None
+
+
+def _as_user(argv: list[str], account: pwd.struct_passwd | None) -> list[str]:
+    """``argv`` run as ``account``: setpriv switches user and group, then execs, so the pid
+    Gantry records is PostgreSQL's own (runuser and su stay as a parent that kills their
+    child two seconds after any signal, mid-shutdown)."""
+    if account is None:
+        return argv
+    setpriv = which(
+        "setpriv", env_var=None, install_hint="apt-get install util-linux (it ships setpriv)"
+    )
+    return [
+        str(setpriv),
+        f"--reuid={account.pw_uid}",
+        f"--regid={account.pw_gid}",
+        "--init-groups",
+        "--",
+        *argv,
+    ]
+
+
+def postgres_password_file(settings: Settings) -> Path:
+    """The cluster superuser's password, in libpq's passfile format (PGPASSFILE), 0600."""
+    return settings.postgres_dir / "pgpass"
+
+
+def postgres_password(settings: Settings, *, create: bool = False) -> str | None:
+    """The generated password of the embedded cluster (made once with ``create``)."""
+    return _password(postgres_password_file(settings), create=create)
+
+
+def _password(path: Path, *, create: bool) -> str | None:
+    try:
+        line = path.read_text().strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+        password = secrets.token_hex(24)  # hex: nothing to escape in a passfile line
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"127.0.0.1:*:*:{POSTGRES_USER}:{password}\n")
+        return password
+    return line.rsplit(":", 1)[1]
+
+
+@dataclass
+class PostgresProcess(ManagedProcess):
+    """A PostgreSQL cluster under the state dir, owned by Gantry.
+
+    ``start()`` creates the cluster once (``initdb``: only where the data dir has no
+    PG_VERSION; scram-sha-256 with a generated password in ``pgpass``), starts the server
+    and creates ``database``. Healthy means the port accepts a connection and ``pg_isready``
+    says the server accepts sessions. ``stop()`` asks for a fast shutdown (SIGINT: sessions
+    are ended, a checkpoint is written) before the usual SIGTERM/SIGKILL.
+    """
+
+    data_dir: Path = field(default_factory=Path)
+    socket_dir: Path = field(default_factory=Path)
+    password_file: Path = field(default_factory=Path)
+    database: str = MLFLOW_DATABASE
+    user: str = POSTGRES_USER
+    account: pwd.struct_passwd | None = None
+    initdb: Path = field(default_factory=Path)
+    pg_isready: Path = field(default_factory=Path)
+    shutdown_timeout_s: float = 60
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        if not _port_busy(self.host, self.port):
+            return False
+        done = run(
+            [
+                self.pg_isready,
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-t",
+                str(max(1, round(timeout_s))),
+            ],
+            timeout_s=timeout_s + 5,
+            check=False,
+        )
+        return done.returncode == 0
+
+    def _owned(self, path: Path, mode: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self.account is not None:
+            os.chown(path, self.account.pw_uid, self.account.pw_gid)
+        path.chmod(mode)
+
+    def _check_reachable(self) -> None:
+        """As another user, every directory above the data dir must let it through."""
+        if self.account is None:
+            return
+        for parent in self.data_dir.parents:
+            try:
+                st = parent.stat()
+            except FileNotFoundError:
+                continue  # made below with the default mode (umask 022: traversable)
+            if st.st_uid != self.account.pw_uid and not st.st_mode & 0o001:
+                raise ServiceError(
+                    f"postgres: the `{self.account.pw_name}` user PostgreSQL runs as cannot "
+                    f"enter {parent} (mode {st.st_mode & 0o777:o})",
+                    fix=f"chmod o+x {parent}, or set GANTRY_STATE_DIR to a directory every "
+                    "user can traverse",
+                )
+
+    def _initdb(self, password: str) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self._check_reachable()
+        self._owned(self.data_dir.parent, 0o755)
+        self._owned(self.data_dir, 0o700)
+        # initdb reads the password from a file the cluster's user can open; gone after.
+        pwfile = self.data_dir.parent / ".initdb-password"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        if self.account is not None:
+            os.chown(pwfile, self.account.pw_uid, self.account.pw_gid)
+        try:
+            log.info("%s: creating the cluster in %s", self.name, self.data_dir)
+            run(
+                _as_user(
+                    [
+                        str(self.initdb),
+                        "--pgdata",
+                        str(self.data_dir),
+                        "--username",
+                        self.user,
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "--encoding=UTF8",
+                        "--no-locale",
+                    ],
+                    self.account,
+                ),
+                timeout_s=120,
+                fix=f"read the error above; remove {self.data_dir} to start over (its data "
+                "is lost)",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _ensure_database(self, password: str) -> None:
+        import psycopg2  # imported late: only the multi topology needs it
+
+        try:
+            conn = psycopg2.connect(
+                host=self.host,
+                port=self.port,
+                user=self.user,
+                password=password,
+                dbname="postgres",
+                connect_timeout=10,
+            )
+        except psycopg2.Error as exc:
+            raise ServiceError(
+                f"{self.name}: cannot connect to {self.url}: "
+                f"{redact_text(str(exc).strip(), [password])}",
+                fix=f"read {self.logfile}; the password is in {self.password_file}",
+            ) from None
+        try:
+            conn.autocommit = True  # CREATE DATABASE runs outside a transaction
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cur.fetchone() is None:
+                    log.info("%s: creating database %s", self.name, self.database)
+                    cur.execute(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
+        finally:
+            conn.close()
+
+    def start(self) -> ServiceStatus:
+        with _lock(self.run_dir / f"{self.name}.cluster.lock"):
+            password = _password(self.password_file, create=True)
+            assert password is not None
+            self.secrets = (*self.secrets, password)
+            if len(str(self.socket_dir / f".s.PGSQL.{self.port}.lock")) > _SOCKET_PATH_MAX:
+                raise ServiceError(
+                    f"{self.name}: the socket path under {self.socket_dir} is longer than "
+                    f"{_SOCKET_PATH_MAX} bytes, which Unix sockets do not allow",
+                    fix="set GANTRY_STATE_DIR to a shorter path",
+                )
+            self._initdb(password)
+            self._owned(self.socket_dir, 0o755)
+            status = super().start()
+            self._ensure_database(password)
+            return status
+
+    def _terminate(self, pid: int, grace_s: float = 10) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)  # fast shutdown; SIGTERM would wait for sessions
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.1)
+        super()._terminate(pid, grace_s)
+
+
+def postgres_service(settings: Settings) -> PostgresProcess:
+    """Debian's PostgreSQL (15 on bookworm) with its cluster under the state dir, listening
+    on 127.0.0.1 only; run as the `postgres` system user when Gantry runs as root.
+
+    Usage: ``postgres_service(settings).start()`` (creates the cluster and the ``mlflow``
+    database the first time; a no-op on a healthy server).
+    """
+    host, port = _split(settings.postgres_addr)
+    root = settings.postgres_dir
+    data_dir = root / "data"
+    socket_dir = root / "run"
+    account = _run_as()
+    binary = postgres_bin("postgres")
+    password_file = postgres_password_file(settings)
+    return PostgresProcess(
+        name="postgres",
+        argv=_as_user(
+            [
+                str(binary),
+                "-D",
+                str(data_dir),
+                "-h",
+                host,
+                "-p",
+                str(port),
+                "-k",
+                str(socket_dir),
+            ],
+            account,
+        ),
+        host=host,
+        port=port,
+        health_path="",
+        run_dir=settings.services_dir,
+        startup_timeout_s=60,
+        port_env_var="GANTRY_POSTGRES_ADDR",
+        secrets=tuple(filter(None, [_password(password_file, create=False)])),
+        data_dir=data_dir,
+        socket_dir=socket_dir,
+        password_file=password_file,
+        account=account,
+        initdb=postgres_bin("initdb"),
+        pg_isready=postgres_bin("pg_isready"),
+    )
+
+
+#: Workers of the embedded MLflow server. Its handlers are short and run in a thread pool;
+#: one process leaves the second core of a 2-core host to the release itself.
+MLFLOW_SERVER_WORKERS = 1
+
+
+def mlflow_server_service(settings: Settings) -> ManagedProcess:
+    """An MLflow tracking server on the embedded PostgreSQL, serving artifacts itself
+    (``--serve-artifacts``: clients upload and download through it, so every host reads
+    the same files) from ``mlflow_artifacts_dir``.
+
+    The backend URI carries no password: libpq reads it from ``PGPASSFILE``, so it is in
+    no argv, environment or log.
+    """
+    host, port = _split(settings.mlflow_server_addr)
+    pg_host, pg_port = _split(settings.postgres_addr)
+    # The driver named: SQLAlchemy 2.1 takes a bare postgresql:// to mean psycopg 3.
+    backend = f"postgresql+psycopg2://{POSTGRES_USER}@{pg_host}:{pg_port}/{MLFLOW_DATABASE}"
+    return ManagedProcess(
+        name="mlflow",
+        argv=[
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(settings.mlflow_artifacts_dir),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            str(MLFLOW_SERVER_WORKERS),
+        ],
+        host=host,
+        port=port,
+        health_path="/health",
+        run_dir=settings.services_dir,
+        env={"PGPASSFILE": str(postgres_password_file(settings))},
+        # The first start creates MLflow's schema (alembic migrations): tens of seconds.
+        startup_timeout_s=180,
+        port_env_var="GANTRY_MLFLOW_ADDR",
+        secrets=tuple(filter(None, [postgres_password(settings)])),
+    )
+
+
+def tracking_services(settings: Settings) -> list[ManagedProcess]:
+    """What `gantry env up` starts for the tracking store, in order: nothing for the single
+    topology (SQLite under the state dir); PostgreSQL, then the MLflow server on it, for
+    GANTRY_TOPOLOGY=multi. `gantry env down` stops them in the reverse order."""
+    if settings.topology != "multi":
+        return []
+    return [postgres_service(settings), mlflow_server_service(settings)]

@@ -82,10 +82,9 @@ class RegisterResult(BaseModel):
 
 
 def default_tracking_uri(settings: Settings) -> str:
-    """$MLFLOW_TRACKING_URI, else SQLite under the state dir (as `gantry env status` says)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{settings.state_dir / 'mlflow' / 'mlflow.db'}"
-    )
+    """$MLFLOW_TRACKING_URI, else the topology's default (as `gantry env status` says): SQLite
+    under the state dir, or the embedded MLflow server for GANTRY_TOPOLOGY=multi."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or settings.default_tracking_uri
 
 
 def tracking_uri_for(spec: ReleaseSpec, settings: Settings) -> str:

@@ -1,0 +1,62 @@
+"""GANTRY_TOPOLOGY and the tracking store it implies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gantry.errors import ConfigError
+from gantry.settings import Settings
+from gantry.stages.register import default_tracking_uri
+
+pytestmark = pytest.mark.unit
+
+
+def _settings(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path), **env})
+
+
+def test_single_is_the_default_and_keeps_sqlite(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    assert s.topology == "single"
+    assert s.default_tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow' / 'mlflow.db'}"
+    assert _settings(tmp_path, GANTRY_TOPOLOGY="").topology == "single"
+
+
+def test_multi_points_at_the_embedded_server(tmp_path: Path) -> None:
+    s = _settings(tmp_path, GANTRY_TOPOLOGY="multi")
+    assert s.topology == "multi"
+    assert (s.postgres_addr, s.mlflow_server_addr) == ("127.0.0.1:5079", "127.0.0.1:5080")
+    assert s.default_tracking_uri == "http://127.0.0.1:5080"
+    assert s.postgres_dir == tmp_path.resolve() / "postgres"
+    assert s.mlflow_artifacts_dir == tmp_path.resolve() / "mlflow" / "artifacts-server"
+    moved = _settings(
+        tmp_path,
+        GANTRY_TOPOLOGY="MULTI",
+        GANTRY_MLFLOW_ADDR="127.0.0.1:6000",
+        GANTRY_POSTGRES_ADDR="127.0.0.1:6001",
+    )
+    assert moved.default_tracking_uri == "http://127.0.0.1:6000"
+    assert moved.postgres_addr == "127.0.0.1:6001"
+
+
+@pytest.mark.parametrize("value", ["multiple", "cluster", "single,multi"])
+def test_unknown_topology_names_the_variable(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="GANTRY_TOPOLOGY") as err:
+        _settings(tmp_path, GANTRY_TOPOLOGY=value)
+    assert "GANTRY_TOPOLOGY=multi" in str(err.value)
+
+
+@pytest.mark.parametrize("var", ["GANTRY_POSTGRES_ADDR", "GANTRY_MLFLOW_ADDR"])
+def test_bad_addresses_name_the_variable(tmp_path: Path, var: str) -> None:
+    with pytest.raises(ConfigError, match=var):
+        _settings(tmp_path, **{var: "localhost"})
+
+
+def test_explicit_tracking_uri_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = _settings(tmp_path, GANTRY_TOPOLOGY="multi")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(s) == "http://127.0.0.1:5080"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert default_tracking_uri(s) == "http://mlflow.internal:5000"
