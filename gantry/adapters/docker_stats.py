@@ -157,6 +157,9 @@ def read_stats(
         raw = api._result(resp, json=True)
     except docker.errors.NotFound:
         return None
+    except ValueError:
+        # An empty body: the container went away while the engine answered.
+        return None
     except docker.errors.APIError as exc:
         detail = redact_text(str(exc.explanation or exc))
         if exc.is_server_error():

@@ -419,6 +419,9 @@ def exporter_service(settings: Settings) -> ManagedProcess:
             str(port),
             "--targets-dir",
             str(settings.scrape_targets_dir),
+            # Only this state dir's deployments: the engine may run another's too.
+            "--deployments-dir",
+            str(settings.deployments_dir),
         ],
         host=host,
         port=port,

@@ -18,6 +18,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument(
         "--targets-dir", type=Path, required=True, help="where to write the scrape targets"
     )
+    s.add_argument(
+        "--deployments-dir",
+        type=Path,
+        default=None,
+        help="export only the deployments recorded there (default: all on the engine)",
+    )
     s.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
     return p.parse_args(argv)
 
@@ -29,4 +35,4 @@ if __name__ == "__main__":
     )
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    main(args.host, args.port, args.targets_dir, args.interval)
+    main(args.host, args.port, args.targets_dir, args.interval, args.deployments_dir)

@@ -43,7 +43,6 @@ from pydantic import ValidationError
 from gantry.adapters.docker_engine import DockerClient, connect
 from gantry.adapters.haproxy import AccessRecord, parse_access_line
 from gantry.atomicfile import write_atomic
-from gantry.errors import GantryError
 from gantry.metrics.client import QualityPush
 
 log = logging.getLogger("gantry.metrics")
@@ -403,8 +402,13 @@ def scrape_targets(routers: list[RouterInfo], slots: list[SlotInfo]) -> dict[str
 class Exporter:
     """Discovery loop, followers and stats sampling around one :class:`Store`."""
 
-    def __init__(self, targets_dir: Path, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, targets_dir: Path, interval_s: float = 1.0, deployments_dir: Path | None = None
+    ) -> None:
+        """``deployments_dir``: only the deployments recorded there (one state dir's; the
+        engine may run another's too); None: every deployment on the engine."""
         self.targets_dir, self.interval_s = targets_dir, interval_s
+        self.deployments_dir = deployments_dir
         self.store = Store()
         self.started = datetime.now(UTC)
         self.last_pass: float | None = None
@@ -439,6 +443,14 @@ class Exporter:
 
     def once(self, client: DockerClient) -> None:
         routers, slots = discover(client)
+        if self.deployments_dir is not None:
+            ours = (
+                {p.name for p in self.deployments_dir.iterdir() if p.is_dir()}
+                if self.deployments_dir.is_dir()
+                else set()
+            )
+            routers = [r for r in routers if r.deployment in ours]
+            slots = [s for s in slots if s.deployment in ours]
         for s in slots:
             if s.running:
                 self.store.seed(s)
@@ -491,8 +503,13 @@ class Exporter:
             while not self._stop.is_set():
                 t0 = time.monotonic()
                 wanted = dict(self._containers)
-                results = pool.map(lambda item: self._usage(client, *item), wanted.items())
-                self.store.usage = {name: u for name, u in zip(wanted, results, strict=True) if u}
+                try:
+                    results = pool.map(lambda item: self._usage(client, *item), wanted.items())
+                    self.store.usage = {
+                        name: u for name, u in zip(wanted, results, strict=True) if u
+                    }
+                except Exception as exc:  # the next pass tries again; never die of one
+                    log.warning("stats pass failed: %s: %s", type(exc).__name__, exc)
                 self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
 
     @staticmethod
@@ -508,7 +525,7 @@ class Exporter:
         running = c.status == "running"
         try:
             sample = read_stats(c, timeout_s=5) if running else None
-        except GantryError as exc:
+        except Exception as exc:  # one container's stats never stop the others'
             log.debug("stats of %s: %s", name, exc)
             sample = None
         return _Usage(
@@ -637,14 +654,20 @@ def serve(exporter: Exporter, host: str, port: int, token: str) -> ThreadingHTTP
     return httpd
 
 
-def main(host: str, port: int, targets_dir: Path, interval_s: float = 1.0) -> None:
+def main(
+    host: str,
+    port: int,
+    targets_dir: Path,
+    interval_s: float = 1.0,
+    deployments_dir: Path | None = None,
+) -> None:
     """Run until SIGTERM: the discovery loop in a thread, HTTP in this one."""
     import signal
 
     from gantry.metrics.client import load_or_create_token, token_path
 
     token = load_or_create_token(token_path(targets_dir))
-    exporter = Exporter(targets_dir, interval_s)
+    exporter = Exporter(targets_dir, interval_s, deployments_dir)
     httpd = serve(exporter, host, port, token)
     for name, target in (("discovery", exporter.run), ("stats", exporter.sample_loop)):
         threading.Thread(target=target, name=name, daemon=True).start()

@@ -97,7 +97,11 @@ def test_requests_are_counted_once_per_slot_and_version(
 ) -> None:
     # A stream quiet for a second is reopened: what it already counted must not count twice.
     monkeypatch.setattr(exp, "FOLLOW_TIMEOUT_S", 1.0)
-    ex = exp.Exporter(tmp_path / "targets", interval_s=0.5)
+    # Only this state dir's deployments: one recorded here, and another engine-wide.
+    (tmp_path / "deployments" / served.name).mkdir(parents=True)
+    ex = exp.Exporter(
+        tmp_path / "targets", interval_s=0.5, deployments_dir=tmp_path / "deployments"
+    )
     loop = threading.Thread(target=ex.run, daemon=True)
     loop.start()
     try:
@@ -116,6 +120,7 @@ def test_requests_are_counted_once_per_slot_and_version(
         assert _count(ex, **ok) == 8  # exactly: nothing read twice
         assert _count(ex, deployment=served.name, outcome="failure", code="5xx") == 1
 
+        assert [p.stem for p in (tmp_path / "targets").glob("*.json")] == [served.name]
         groups = json.loads((tmp_path / "targets" / f"{served.name}.json").read_text())
         by = {g["labels"]["component"] + g["labels"].get("slot", ""): g for g in groups}
         assert by["runtimea"]["labels"]["version"] == "3"

@@ -148,6 +148,7 @@ def test_metrics_services_follow_the_external_url(tmp_path: Path) -> None:
         "-m", "gantry.metrics", "serve",
         "--host", "127.0.0.1", "--port", "5078",
         "--targets-dir", str(tmp_path / "prometheus" / "targets"),
+        "--deployments-dir", str(tmp_path / "deployments"),
     ]  # fmt: skip
     assert exporter.health_path == "/healthz"
     with pytest.raises(ConfigError, match="GANTRY_PROMETHEUS_URL is not an http"):
