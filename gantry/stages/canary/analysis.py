@@ -1,8 +1,10 @@
 """The canary's analysis: one step's window observed, judged and turned into a verdict.
 
 Pure judgement (:func:`judge`) over what a window saw (:class:`WindowObservations`), and
-the loop (:func:`analyse_step`) that gathers it from a deploy target's router and the
-probes. Nothing here changes routing: the verdict goes back to the state machine.
+the loop (:func:`analyse_step`) that gathers it from the canary's metric source
+(:mod:`~gantry.stages.canary.sources`: Prometheus queries or the router's log), the
+deploy target's server states and the probes. Nothing here changes routing: the verdict
+goes back to the state machine.
 
     >>> next_weight((10, 50, 100), 0)
     50
