@@ -30,8 +30,9 @@ from pydantic import BaseModel, Field
 import gantry
 from gantry.atomicfile import point_atomic, private_dir, sweep_stale_prefix, write_atomic
 from gantry.errors import ReleaseInProgressError
-from gantry.locks import exclusive
+from gantry.locks import lock_for
 from gantry.proc import REDACTED, SECRET_NAME, redact_text
+from gantry.settings import get_settings
 from gantry.spec import ReleaseSpec
 
 log = logging.getLogger("gantry.record")
@@ -331,8 +332,12 @@ def one_run_at_a_time(releases_dir: Path, release_id: str) -> Iterator[None]:
             "is); re-running the spec afterwards resumes what is left",
         )
 
-    lock = releases_dir / "locks" / f"{release_id}.lock"
-    with exclusive(lock, wait_s=0, holder=f"release {release_id}", busy=busy):
+    lock = lock_for(
+        get_settings(),
+        f"gantry-release-{release_id}",
+        releases_dir / "locks" / f"{release_id}.lock",
+    )
+    with lock(wait_s=0, holder=f"release {release_id}", busy=busy):
         yield
 
 

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gantry.adapters.haproxy import Slot
 from gantry.atomicfile import write_atomic
 from gantry.errors import CanaryLockedError, ConfigError, DeploymentStatusUnreadableError
-from gantry.locks import exclusive
+from gantry.locks import lock_for
+from gantry.settings import get_settings
 from gantry.stages.canary.analysis import StepVerdict
 
 log = logging.getLogger(__name__)
@@ -240,5 +241,7 @@ class DeploymentStore:
                 f"`gantry rollback {self.model}`",
             )
 
-        with exclusive(self.dir / "lock", wait_s=wait_s, holder=holder, busy=busy):
+        # Named by model, not self.name: that is per state dir, and each host has its own.
+        lock = lock_for(get_settings(), f"gantry-deploy-{self.model}", self.dir / "lock")
+        with lock(wait_s=wait_s, holder=holder, busy=busy):
             yield
