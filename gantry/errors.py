@@ -571,6 +571,16 @@ class RouterUnavailableError(TransientError):
     """The router (its container or its runtime API) does not answer."""
 
 
+class LockServiceUnavailableError(TransientError):
+    """The Prefect API that holds the cross-host locks (GANTRY_TOPOLOGY=multi) did not
+    answer."""
+
+    fix = (
+        "start the control host's Prefect server (`gantry env up`) or point PREFECT_API_URL at "
+        "the Prefect API every worker host shares; the run is retried"
+    )
+
+
 class MetricsUnavailableError(TransientError):
     """Gantry's metrics exporter does not answer or refused what the canary sent it."""
 

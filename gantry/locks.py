@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from gantry.errors import TransientError
+from gantry.errors import LockServiceUnavailableError
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -84,15 +84,6 @@ def exclusive(
 #: The holder renews it every 3/4 of this (Prefect's own renewal thread), so only a dead
 #: (or cut-off) holder lets it lapse.
 LEASE_S = 60.0
-
-
-class LockServiceUnavailableError(TransientError):
-    """The Prefect API that holds the cross-host locks did not answer."""
-
-    fix = (
-        "start the control host's Prefect server (`gantry env up`) or point PREFECT_API_URL at "
-        "the Prefect API every worker host shares; the run is retried"
-    )
 
 
 def _limit_name(name: str) -> str:

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from gantry.errors import GantryError, TransientError
-from gantry.locks import LockServiceUnavailableError, prefect_exclusive
+from gantry.errors import GantryError, LockServiceUnavailableError, TransientError
+from gantry.locks import prefect_exclusive
 from tests.support import REPO_ROOT, PrefectServer, free_port
 
 pytestmark = pytest.mark.integration

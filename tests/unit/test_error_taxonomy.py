@@ -108,6 +108,7 @@ EXPECTED: dict[str, Kind] = {
     "RouterError": "permanent",
     "RouterUnavailableError": "transient",
     "MetricsUnavailableError": "transient",
+    "LockServiceUnavailableError": "transient",
     "PrometheusError": "base",
     "PrometheusUnavailableError": "transient",
     "PrometheusQueryError": "permanent",
