@@ -10,11 +10,12 @@ from prefect.runtime import flow_run
 
 from gantry.record import Recorder, ReleaseRecord, one_run_at_a_time
 from gantry.settings import Settings, get_settings
+from gantry.shared_records import shared_records
 from gantry.spec import ReleaseSpec, RetryPolicy
 from gantry.stages import evaluate as evaluate_stage
 from gantry.stages import scan as scan_stage
 from gantry.stages.evaluate import EvalResult
-from gantry.stages.register import RegisterResult, tracking_store_state
+from gantry.stages.register import RegisterResult, tracking_store_state, tracking_uri_for
 from gantry.stages.scan import ScanResult
 from gantry.stages.smoke import SmokeResult
 from tasks._retry import with_retries
@@ -46,8 +47,11 @@ def as_task_run(task: Task[P, R], policy: RetryPolicy) -> Callable[P, R]:
 def compose(spec: ReleaseSpec, run: StageRunner, *, flow_run_id: str | None) -> ReleaseRecord:
     """The stages in order, each recorded, each handed the typed results before it."""
     settings = get_settings()
+    # On several hosts the records are also kept where every host reads them: a run
+    # re-submitted to another worker resumes there. None on one machine.
+    shared = shared_records(settings, tracking_uri_for(spec, settings), spec.mlflow.timeout_s)
     with one_run_at_a_time(settings.releases_dir, spec.release_id):
-        rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id)
+        rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id, shared=shared)
         return _stages(spec, run, rec, settings)
 
 
@@ -99,7 +103,8 @@ def _stages(
         may_reuse=unchanged,
     )
     # Never re-used from an earlier record: the live deployment is the truth, and the stage
-    # itself finds a release that is already champion (and only checks it serves).
+    # itself finds a release that is already champion (and only checks it serves). It starts
+    # once the record is shared: whichever host rolls back later must read it.
     rec.run_stage(
         "canary",
         lambda: run(canary_task, policy)(
@@ -111,6 +116,7 @@ def _stages(
             known_champion=unchanged,
             record=str(rec.run_path),
         ),
+        shared_first=True,
     )
     return rec.succeed(tracking_store_state=tracking_store_state(spec, settings))
 

@@ -9,6 +9,11 @@ re-evaluation and `gantry verify` need of the version that serves.
 
 Records are private (0600, in a 0700 directory) and hold no secret: the spec is stored as
 :func:`stored_spec` redacts it, as MLflow's params are (a valid spec holds none anyway).
+
+With several hosts (``GANTRY_TOPOLOGY=multi``) every write is also sent to a
+:class:`RecordShare` (:mod:`gantry.shared_records`: the tracking server), and the earlier
+runs a stage is re-used from are this host's and the share's, newest first: a release
+re-submitted to another worker resumes where the dead one stopped.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 import gantry
 from gantry.atomicfile import point_atomic, private_dir, sweep_stale_prefix, write_atomic
-from gantry.errors import ReleaseInProgressError
+from gantry.errors import GantryError, ReleaseInProgressError
 from gantry.locks import lock_for
 from gantry.proc import REDACTED, SECRET_NAME, redact_text
 from gantry.settings import get_settings
@@ -44,6 +49,10 @@ T = TypeVar("T", bound=BaseModel)
 
 #: How many earlier runs of a release a stage's last result is looked for in.
 MAX_RUNS_LOOKED_BACK = 20
+
+#: After a write to the share failed, the next ones are not tried for this long (each
+#: would wait for its timeout in front of the stage); the run's last write always is.
+SHARE_RETRY_S = 30.0
 
 
 class StageStatus(StrEnum):
@@ -83,6 +92,10 @@ class ReleaseRecord(BaseModel):
     started_at: datetime
     finished_at: datetime | None = None
     flow_run_id: str | None = None
+    run_id: str | None = Field(
+        default=None,
+        description="This run's own id; the shared record store (several hosts) keys runs by it.",
+    )
     gantry_version: str = gantry.__version__
     stages: dict[str, StageRecord]
     error: StageError | None = None
@@ -101,6 +114,32 @@ class ReleaseRecord(BaseModel):
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class SharedRun(BaseModel):
+    """One run of a release in the shared store, before its record is read."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    started_at: datetime
+    host: str = Field(description="The host that ran it.")
+    mlflow_run_id: str
+
+
+class RecordShare(Protocol):
+    """Where the records of a release's runs are kept for every host to read."""
+
+    @property
+    def where(self) -> str: ...
+
+    def put(self, record: ReleaseRecord) -> None: ...
+
+    def runs(self, release_id: str, limit: int) -> list[SharedRun]: ...
+
+    def read(self, run: SharedRun) -> ReleaseRecord | None: ...
+
+    def history(self, release_id: str, limit: int) -> Iterator[ReleaseRecord]: ...
 
 
 #: Records are the owner's alone (and so is their directory: :func:`private_dir`).
@@ -154,7 +193,14 @@ def _succeeded(stage: StageRecord | None, result_type: type[T]) -> T | None:
 class Recorder:
     """Keeps one release record up to date on disk as the stages run."""
 
-    def __init__(self, releases_dir: Path, spec: ReleaseSpec, *, flow_run_id: str | None) -> None:
+    def __init__(
+        self,
+        releases_dir: Path,
+        spec: ReleaseSpec,
+        *,
+        flow_run_id: str | None,
+        shared: RecordShare | None = None,
+    ) -> None:
         self.path = record_path(releases_dir, spec.release_id)
         self.record = ReleaseRecord(
             release_id=spec.release_id,
@@ -162,10 +208,16 @@ class Recorder:
             spec=stored_spec(spec),
             started_at=_now(),
             flow_run_id=flow_run_id,
+            run_id=uuid.uuid4().hex,
             stages={name: StageRecord() for name in STAGES},
         )
         private_dir(releases_dir)
+        self.shared = shared
+        self._share_failed_at: float | None = None
+        self._shared_runs: list[SharedRun] | None = None
+        self._shared_read: dict[str, ReleaseRecord | None] = {}
         self.previous: ReleaseRecord | None = None
+        self._unreadable = False
         self._history = private_dir(self.path.parent / "history")
         # A run killed while writing its own record leaves that file's temp behind, and no
         # later write of the same name comes to sweep it: this release's next run does.
@@ -176,6 +228,7 @@ class Recorder:
                 self.previous = load_record(self.path)
             except ValueError:
                 log.warning("previous record %s is unreadable; nothing will be reused", self.path)
+                self._unreadable = True
             own = self.previous.run_record if self.previous else None
             if own and Path(own).is_file():
                 self._archived = Path(own)  # already kept under its own name
@@ -194,9 +247,65 @@ class Recorder:
         os.replace(self.path, self._archived)
 
     def _earlier_runs(self) -> Iterator[ReleaseRecord]:
-        """The previous run of this release, then the archived ones, newest first."""
+        """This release's earlier runs, newest first: this host's, and with a share the
+        other hosts' too."""
+        if self._unreadable:
+            return  # reuse nothing rather than guess
+        if self.shared is None:
+            yield from self._local_runs()
+            return
+        local = list(self._local_runs())
+        try:
+            shared = self._list_shared()
+        except GantryError as exc:
+            log.warning(
+                "earlier runs of %s on other hosts are unknown (%s): only this host's are re-used",
+                self.record.release_id,
+                exc,
+            )
+            yield from local
+            return
+        # A run of this host is in both; its own copy is never behind the share's.
+        mine = {r.run_id for r in local if r.run_id} | {self.record.run_id}
+        entries: list[tuple[datetime, ReleaseRecord | SharedRun]] = [
+            (r.started_at, r) for r in local
+        ]
+        entries += [(s.started_at, s) for s in shared if s.run_id not in mine]
+        entries.sort(key=lambda e: e[0], reverse=True)
+        for _, item in entries[:MAX_RUNS_LOOKED_BACK]:
+            if isinstance(item, ReleaseRecord):
+                yield item
+                continue
+            try:
+                rec = self._read_shared(item)
+            except (GantryError, ValueError) as exc:
+                log.warning(
+                    "run %s of %s (%s) cannot be read: %s; older runs are not looked at",
+                    item.run_id,
+                    self.record.release_id,
+                    item.host,
+                    exc,
+                )
+                return  # a gap in the chain, as below
+            if rec is not None and rec.release_id == self.record.release_id:
+                yield rec
+
+    def _list_shared(self) -> list[SharedRun]:
+        assert self.shared is not None
+        if self._shared_runs is None:
+            self._shared_runs = self.shared.runs(self.record.release_id, MAX_RUNS_LOOKED_BACK)
+        return self._shared_runs
+
+    def _read_shared(self, run: SharedRun) -> ReleaseRecord | None:
+        assert self.shared is not None
+        if run.run_id not in self._shared_read:
+            self._shared_read[run.run_id] = self.shared.read(run)
+        return self._shared_read[run.run_id]
+
+    def _local_runs(self) -> Iterator[ReleaseRecord]:
+        """The previous run of this release on this host, then the archived ones."""
         if self.previous is None:
-            return  # none, or unreadable: reuse nothing rather than guess
+            return
         yield self.previous
         older = sorted(  # the stamp in the name sorts by time
             (
@@ -214,8 +323,42 @@ class Recorder:
             if rec.release_id == self.record.release_id:
                 yield rec
 
-    def write(self) -> None:
+    def write(self, *, share: bool = True) -> None:
         write_atomic(self.run_path, self.record.model_dump_json(indent=2), mode=RECORD_MODE)
+        if share:
+            self._share(strict=False)
+
+    def share(self) -> None:
+        """Send the record to the share now, failing (MLflowUnavailableError, transient)
+        when it cannot be reached: before a version may serve, every host must be able to
+        read how to start it again (`gantry rollback` from any of them)."""
+        self._share(strict=True)
+
+    def _share(self, *, strict: bool, last: bool = False) -> None:
+        if self.shared is None:
+            return
+        backing_off = (
+            self._share_failed_at is not None
+            and time.monotonic() - self._share_failed_at < SHARE_RETRY_S
+        )
+        if backing_off and not (strict or last):
+            return
+        try:
+            self.shared.put(self.record)
+        except GantryError as exc:
+            if strict:
+                raise
+            self._share_failed_at = time.monotonic()
+            # Only a cost, never a wrong result: another host re-runs what it cannot see.
+            log.warning(
+                "the record of %s could not be written to %s (%s); this host's copy is "
+                "complete, and other hosts see this run once a later write gets through",
+                self.record.release_id,
+                self.shared.where,
+                exc,
+            )
+        else:
+            self._share_failed_at = None
 
     def _last_ran(self, name: str) -> StageRecord | None:
         """The stage as it last ran in this release's runs. Runs that failed or were
@@ -255,6 +398,7 @@ class Recorder:
         reuse: tuple[type[T], str] | None = None,
         may_reuse: bool = True,
         stale: Callable[[T], str | None] | None = None,
+        shared_first: bool = False,
     ) -> T:
         """Run one stage, recording its outcome; on failure the later stages are skipped
         and the exception propagates (so the flow run fails with it).
@@ -265,6 +409,7 @@ class Recorder:
         don't redo.
         ``may_reuse=False`` records the inputs (for the next run) but runs the stage;
         ``stale`` says why a result with the same inputs has expired since (None: it has not).
+        ``shared_first``: the stage starts only once the record is in the share (:meth:`share`).
         """
         st = self.record.stages[name]
         st.status, st.started_at = StageStatus.RUNNING, _now()
@@ -282,6 +427,8 @@ class Recorder:
         self.write()
         t0 = time.monotonic()
         try:
+            if shared_first:
+                self.share()
             result = fn()
         except BaseException as exc:
             st.status, st.error = StageStatus.FAILED, _error_of(exc)
@@ -303,7 +450,8 @@ class Recorder:
                 self.record.stages[later].status = StageStatus.SKIPPED
         self.record.status, self.record.error = status, error
         self.record.finished_at = _now()
-        self.write()
+        self.write(share=False)
+        self._share(strict=False, last=True)
 
     def store_unchanged(self, state: str | None) -> bool:
         """Whether the tracking store is exactly as the last succeeded run of this release
@@ -360,10 +508,21 @@ def write_failed_record(releases_dir: Path, spec: ReleaseSpec, exc: BaseExceptio
     return path
 
 
-def serving_record(releases_dir: Path, release_id: str) -> Path:
+def _deployable(rec: ReleaseRecord) -> bool:
+    """Whether the run got through what a deployment needs: build, weights, signatures."""
+    return all(
+        rec.stages.get(s) is not None and rec.stages[s].status == StageStatus.SUCCEEDED
+        for s in ("weights", "build", "sign")
+    )
+
+
+def serving_record(releases_dir: Path, release_id: str, shared: RecordShare | None = None) -> Path:
     """The record to start ``release_id`` from: its newest run that got through `sign`
     (build, weights and signatures are what a deployment needs), else the latest record
-    (whose reading then says what is missing)."""
+    (whose reading then says what is missing).
+
+    With a share, a release no run of this host got that far is looked for there, and the
+    record found is kept under this host's ``history/`` (another host ran it)."""
     latest = record_path(releases_dir, release_id)
     runs = sorted((releases_dir / "history").glob(f"{latest.stem}.*.json"), reverse=True)
     for path in (latest, *runs):
@@ -371,14 +530,28 @@ def serving_record(releases_dir: Path, release_id: str) -> Path:
             rec = load_record(path)
         except (OSError, ValueError):
             continue
-        if rec.release_id == release_id and all(
-            rec.stages.get(s) is not None and rec.stages[s].status == StageStatus.SUCCEEDED
-            for s in ("weights", "build", "sign")
-        ):
+        if rec.release_id == release_id and _deployable(rec):
             return (
                 Path(rec.run_record) if rec.run_record and Path(rec.run_record).is_file() else path
             )
+    if shared is not None:
+        for rec in shared.history(release_id, MAX_RUNS_LOOKED_BACK):
+            if _deployable(rec):
+                return _keep_shared(releases_dir, rec)
     return latest
+
+
+def _keep_shared(releases_dir: Path, rec: ReleaseRecord) -> Path:
+    """A copy of another host's record under this host's history, pointing at itself."""
+    history = private_dir(private_dir(releases_dir) / "history")
+    stamp = rec.started_at.strftime("%Y%m%dT%H%M%S.%f")
+    path = history / f"{rec.release_id}.{stamp}.{(rec.run_id or uuid.uuid4().hex)[:8]}.json"
+    kept = rec.model_copy(update={"run_record": str(path)})
+    write_atomic(path, kept.model_dump_json(indent=2), mode=RECORD_MODE)
+    log.info(
+        "record of %s read from the shared store (another host ran it): %s", rec.release_id, path
+    )
+    return path
 
 
 def load_record(path: Path) -> ReleaseRecord:

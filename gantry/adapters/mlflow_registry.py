@@ -337,8 +337,51 @@ class MlflowRegistry:
             lambda: self._client.log_dict(run_id, dict(data), artifact_file),
         )
 
-    def finish_run(self, run_id: str) -> None:
-        self._call(f"finish run {run_id}", lambda: self._client.set_terminated(run_id, "FINISHED"))
+    def finish_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """End the run as ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+        self._call(f"finish run {run_id}", lambda: self._client.set_terminated(run_id, status))
+
+    def tagged_runs(self, experiment_id: str, tag: str, value: str, limit: int) -> list[Run]:
+        """Runs of the experiment whose ``tag`` is ``value``, newest first (at most ``limit``)."""
+        return self._call(
+            f"search runs with {tag}={value}",
+            lambda: list(
+                self._client.search_runs(
+                    [experiment_id],
+                    filter_string=f"tags.`{tag}` = {_quote(value)}",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=limit,
+                )
+            ),
+        )
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Write ``text`` into the run's artifacts at ``artifact_file`` (same name replaces)."""
+        self._call(
+            f"log {artifact_file} to run {run_id}",
+            lambda: self._client.log_text(run_id, text, artifact_file),
+        )
+
+    def read_text(self, run_id: str, artifact_file: str) -> str | None:
+        """The text of one of the run's artifacts; None when the run has no such artifact."""
+
+        def go() -> str | None:
+            import tempfile
+
+            from mlflow.exceptions import MlflowException
+
+            with tempfile.TemporaryDirectory(prefix="gantry-artifact-") as tmp:
+                try:
+                    path = self._client.download_artifacts(run_id, artifact_file, tmp)
+                except MlflowException as exc:
+                    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                        return None
+                    raise
+                except FileNotFoundError:
+                    return None
+                return Path(path).read_text(encoding="utf-8")
+
+        return self._call(f"read {artifact_file} of run {run_id}", go)
 
     # --- registry ----------------------------------------------------------------------
 

@@ -24,15 +24,15 @@ from gantry.adapters import docker_engine
 from gantry.adapters.mlflow_registry import CHAMPION
 from gantry.deploy.docker import discover
 from gantry.errors import DeploymentNotFoundError, DeploymentStatusUnreadableError
-from gantry.record import serving_record
 from gantry.settings import Settings
+from gantry.shared_records import serving_record_for
 from gantry.spec import ReleaseSpec
 from gantry.stages.canary import machine as m
 from gantry.stages.canary.executor import Hooks
 from gantry.stages.canary.run import open_deployment
 from gantry.stages.canary.serving import release_from_record
 from gantry.stages.canary.state import CanaryStatus, DeploymentStatus, DeploymentStore, Served
-from gantry.stages.register import open_registry, with_tracking_uri
+from gantry.stages.register import default_tracking_uri, open_registry, with_tracking_uri
 
 log = logging.getLogger("gantry.canary")
 
@@ -115,11 +115,12 @@ def rebuild_status(
     champion from a candidate (whose interrupted canary the rollback then aborts). The
     damaged file is kept beside the new one."""
     running, port = discover(client, store.name)
+    uri = tracking_uri or default_tracking_uri(settings)
     servers = [
         Served(
             version=r.version,
             release_id=r.release_id,
-            record=str(serving_record(settings.releases_dir, r.release_id)),
+            record=str(serving_record_for(settings, r.release_id, uri)),
             image=r.image,
             slot=r.slot,
         )

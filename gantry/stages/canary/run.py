@@ -37,8 +37,8 @@ from gantry.errors import (
     ConfigError,
     EvalSetError,
 )
-from gantry.record import serving_record
 from gantry.settings import Settings
+from gantry.shared_records import serving_record_for
 from gantry.spec import CanaryMetrics, DeployTarget, Protocol, ReleaseSpec
 from gantry.stages.build import BuildResult
 from gantry.stages.canary import machine as m
@@ -48,7 +48,7 @@ from gantry.stages.canary.probes import Prober
 from gantry.stages.canary.serving import launch_for, release_from_record, start_recorded
 from gantry.stages.canary.sources import MetricSource, PrometheusSource, RouterLogSource
 from gantry.stages.canary.state import DeploymentStatus, DeploymentStore, Phase, Served, now
-from gantry.stages.register import RegisterResult, open_registry
+from gantry.stages.register import RegisterResult, open_registry, tracking_uri_for
 from gantry.stages.sign import SignResult
 from gantry.stages.smoke import verify_inputs
 from gantry.stages.weights import WeightsResult
@@ -235,7 +235,7 @@ def run(
         verify_inputs(build, weights, sign)  # an unsigned candidate never starts
         if sign.image != build.image:
             raise ChampionUnavailableError(f"the sign stage signed {sign.image}, not {build.image}")
-        champion = _live_champion(dep, settings, alias)
+        champion = _live_champion(dep, spec, settings, alias)
         gpus = containers.resolve_gpus(client.info(), spec.smoke.accelerator, spec.smoke.gpus)
         if champion is None and dep.status.champion is not None:
             log.warning(
@@ -248,7 +248,15 @@ def run(
         cand = Served(
             version=version,
             release_id=spec.release_id,
-            record=record or str(serving_record(settings.releases_dir, spec.release_id)),
+            record=record
+            or str(
+                serving_record_for(
+                    settings,
+                    spec.release_id,
+                    tracking_uri_for(spec, settings),
+                    spec.mlflow.timeout_s,
+                )
+            ),
             image=build.image,
             slot=slot,
         )
@@ -337,7 +345,9 @@ def _already_champion(
     champ = dep.status.champion
     if champ is None or champ.version != version:
         # MLflow says champion but this deployment never ran it (e.g. a fresh engine).
-        path = serving_record(settings.releases_dir, spec.release_id)
+        path = serving_record_for(
+            settings, spec.release_id, tracking_uri_for(spec, settings), spec.mlflow.timeout_s
+        )
         rel = release_from_record(path, f"version {version}")
         champ = Served(
             version=version,
@@ -370,7 +380,7 @@ def _already_champion(
 
 
 def _live_champion(
-    dep: Deployment, settings: Settings, alias: ModelVersionRef | None
+    dep: Deployment, spec: ReleaseSpec, settings: Settings, alias: ModelVersionRef | None
 ) -> Served | None:
     """The champion the candidate is compared with, serving; None for a first release."""
     if alias is None:
@@ -380,7 +390,10 @@ def _live_champion(
         dep.apply((m.EnsureServing(champ, died_is_error=True),))
         return champ
     release_id = alias.tags.get("gantry.release_id", "")
-    path = serving_record(settings.releases_dir, release_id)
+    # Released on another host, perhaps: its record is then read from the shared store.
+    path = serving_record_for(
+        settings, release_id, tracking_uri_for(spec, settings), spec.mlflow.timeout_s
+    )
     rel = release_from_record(path, f"champion version {alias.version} of {dep.model}")
     log.warning(
         "champion version %s of %s is not deployed here; starting it first",
