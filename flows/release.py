@@ -70,9 +70,11 @@ def _stages(
         stale=lambda earlier: scan_stage.stale_because(earlier, spec.scan),
     )
     sign = rec.run_stage("sign", lambda: run(sign_task, policy)(spec, build, scan, weights))
-    # What smoke and evaluate consume: the image, the weights and their signatures.
+    # What smoke and evaluate consume: the image, the weights and their signatures. Named by
+    # content and key, never by a path of this host: another host resumes on the same key.
     served = (
-        f"{build.digest} {weights.manifest_digest} {sign.signature_ref} {sign.weights_signature}"
+        f"{build.digest} {weights.manifest_digest} {sign.signature_ref} "
+        f"{sign.weights_key_fingerprint}"
     )
     smoke = rec.run_stage(
         "smoke",

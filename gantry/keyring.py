@@ -67,6 +67,15 @@ def resolve_keys(options: SignOptions, settings: Settings) -> KeyPaths:
     else:
         image_key, image_pub = kdir / "cosign.key", kdir / "cosign.pub"
         weights_key = kdir / "weights.key"
+        if not image_key.is_file() and settings.topology == "multi":
+            # A key made here would be this host's alone: the next host to run the release
+            # would sign it again with another, and verify nothing this one signed.
+            raise ConfigError(
+                "GANTRY_TOPOLOGY=multi: every worker host must sign with the same key, and "
+                f"there is none under {kdir} to use",
+                fix="set sign.key to a key pair every worker has at that path (`gantry keys "
+                "generate --dir DIR` once, then mount DIR from a secret), or sign.method: kms",
+            )
         if not image_key.is_file():
             kdir.mkdir(parents=True, exist_ok=True)
             generate_keypair(kdir, password(options))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,6 +127,36 @@ def _remove_test_images(registry: str) -> None:
                     with contextlib.suppress(Exception):
                         client.images.remove(tag, noprune=True)
         client.close()
+
+
+@contextlib.contextmanager
+def tracking_server() -> Iterator[str]:
+    """The multi topology's tracking store, on free ports in a state dir of its own:
+    Debian's PostgreSQL and an MLflow server on it (~10 s to start); yields its URL."""
+    from gantry.localenv.services import mlflow_server_service, postgres_service
+    from gantry.settings import Settings
+
+    # As root PostgreSQL runs as `postgres`, which must enter every directory above its
+    # cluster: not pytest's 0700 tmp dirs.
+    control = Path(tempfile.mkdtemp(prefix="gantry-tracking-"))
+    control.chmod(0o755)
+    settings = Settings.from_env(
+        {
+            "GANTRY_STATE_DIR": str(control),
+            "GANTRY_TOPOLOGY": "multi",
+            "GANTRY_POSTGRES_ADDR": f"127.0.0.1:{free_port()}",
+            "GANTRY_MLFLOW_ADDR": f"127.0.0.1:{free_port()}",
+        }
+    )
+    pg, server = postgres_service(settings), mlflow_server_service(settings)
+    try:
+        pg.start()
+        server.start()
+        yield settings.mlflow_server_url
+    finally:
+        server.stop()  # first: its connections would hold the database up
+        pg.stop()
+        shutil.rmtree(control, ignore_errors=True)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ from pydantic import BaseModel
 
 from gantry.adapters.mlflow_registry import MlflowRegistry
 from gantry.errors import MLflowUnavailableError, is_transient
-from gantry.localenv.services import mlflow_server_service, postgres_service
 from gantry.record import Recorder, StageStatus, load_record, serving_record
 from gantry.settings import Settings
 from gantry.shared_records import (
@@ -33,7 +31,7 @@ from gantry.shared_records import (
     shared_records,
 )
 from gantry.spec import ReleaseSpec, parse_spec
-from tests.support import REPO_ROOT, free_port
+from tests.support import REPO_ROOT, free_port, tracking_server
 
 pytestmark = pytest.mark.integration
 
@@ -44,28 +42,8 @@ class Out(BaseModel):
 
 @pytest.fixture(scope="module")
 def tracking_url() -> Iterator[str]:
-    # As root PostgreSQL runs as `postgres`, which must enter every directory above its
-    # cluster: not pytest's 0700 tmp dirs.
-    control = Path(tempfile.mkdtemp(prefix="gantry-shared-records-"))
-    control.chmod(0o755)
-    settings = Settings.from_env(
-        {
-            "GANTRY_STATE_DIR": str(control),
-            "GANTRY_TOPOLOGY": "multi",
-            "GANTRY_POSTGRES_ADDR": f"127.0.0.1:{free_port()}",
-            "GANTRY_MLFLOW_ADDR": f"127.0.0.1:{free_port()}",
-        }
-    )
-    pg = postgres_service(settings)
-    server = mlflow_server_service(settings)
-    try:
-        pg.start()
-        server.start()
-        yield settings.mlflow_server_url
-    finally:
-        server.stop()
-        pg.stop()
-        shutil.rmtree(control, ignore_errors=True)
+    with tracking_server() as url:
+        yield url
 
 
 def _spec(name: str) -> ReleaseSpec:

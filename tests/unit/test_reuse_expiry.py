@@ -26,6 +26,11 @@ def _scan(**kw: Any) -> ScanResult:
         "db_status": "cached",
         "vulnerabilities_checked": True,
         "db_updated_at": NOW - timedelta(hours=10),
+        # Files the scan wrote: any file of this host will do.
+        "sbom_path": __file__,
+        "report_path": None,
+        "config_report_path": __file__,
+        "decision_path": __file__,
         **kw,
     }
     return ScanResult.model_construct(**values)
@@ -55,6 +60,14 @@ def test_a_scan_expires_with_its_allowlist_entries_and_its_db(
     assert stale_because(_scan(db_status="fixture"), opts, NOW) == (
         "it was judged with a test fixture DB"
     )
+
+
+def test_a_scan_whose_reports_are_on_another_host_is_run_again(tmp_path: Path) -> None:
+    """A scan taken over from another host's record (several hosts) names that host's
+    files; `sign` attests the SBOM, so it must be here."""
+    gone = str(tmp_path / "host-a" / "sbom.cdx.json")
+    why = stale_because(_scan(sbom_path=gone), ScanOptions(), NOW)
+    assert why is not None and gone in why and "another host" in why
 
 
 def test_an_evaluation_is_reused_only_on_the_same_eval_set_and_champion_score(

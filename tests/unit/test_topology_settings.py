@@ -60,3 +60,18 @@ def test_explicit_tracking_uri_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert default_tracking_uri(s) == "http://127.0.0.1:5080"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert default_tracking_uri(s) == "http://mlflow.internal:5000"
+
+
+def test_multi_topology_never_makes_a_signing_key_of_one_host(tmp_path: Path) -> None:
+    """A key generated on one worker would be that host's alone: the next host to run the
+    release would sign again with its own and verify nothing the first one signed."""
+    from gantry.keyring import resolve_keys
+    from gantry.spec import SignOptions
+
+    multi = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path), "GANTRY_TOPOLOGY": "multi"})
+    with pytest.raises(ConfigError, match="same key") as info:
+        resolve_keys(SignOptions(), multi)
+    assert "sign.key" in (info.value.fix or "") and not (tmp_path / "keys").exists()
+    single = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path)})
+    assert resolve_keys(SignOptions(), single).generated  # one machine: made on first use
+    assert not resolve_keys(SignOptions(), multi).generated  # now there is one to use

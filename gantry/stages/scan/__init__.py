@@ -193,9 +193,14 @@ def stale_because(
 
     The gate decided against that day's date and that DB: an allowlist entry it relied on
     may have expired since, the DB may have grown too old, and a test fixture DB counts
-    only in tests.
+    only in tests. Its files must be on this host: a scan taken over from another host's
+    record (several hosts) names that host's files, and `sign` attests the SBOM.
     """
     now = now or datetime.now(UTC)
+    files = (result.sbom_path, result.report_path, result.config_report_path, result.decision_path)
+    missing = [f for f in files if f and not Path(f).is_file()]
+    if missing:
+        return f"its reports are not on this host ({', '.join(missing)}): another host scanned"
     expired = [e.id for e in result.allowlist_used if e.expires < now.date()]
     if expired:
         return f"allowlist entries it relied on have expired ({', '.join(expired)})"
