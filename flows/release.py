@@ -15,7 +15,7 @@ from gantry.spec import ReleaseSpec, RetryPolicy
 from gantry.stages import evaluate as evaluate_stage
 from gantry.stages import scan as scan_stage
 from gantry.stages.evaluate import EvalResult
-from gantry.stages.register import RegisterResult, tracking_store_state, tracking_uri_for
+from gantry.stages.register import RegisterResult, tracking_store_state
 from gantry.stages.scan import ScanResult
 from gantry.stages.smoke import SmokeResult
 from tasks._retry import with_retries
@@ -49,7 +49,7 @@ def compose(spec: ReleaseSpec, run: StageRunner, *, flow_run_id: str | None) -> 
     settings = get_settings()
     # On several hosts the records are also kept where every host reads them: a run
     # re-submitted to another worker resumes there. None on one machine.
-    shared = shared_records(settings, tracking_uri_for(spec, settings), spec.mlflow.timeout_s)
+    shared = shared_records(settings, spec.mlflow.timeout_s)
     with one_run_at_a_time(settings.releases_dir, spec.release_id):
         rec = Recorder(settings.releases_dir, spec, flow_run_id=flow_run_id, shared=shared)
         return _stages(spec, run, rec, settings)

@@ -168,6 +168,8 @@ def _env_summary(settings: Settings) -> dict[str, object]:
         docker_info = {"reachable": False, "error": str(exc)}
     return {
         "state_dir": str(settings.state_dir),
+        "deployments_dir": str(settings.deployments_dir),
+        "deployments_shared": settings.deployments_shared,
         "deployments": _deployments(settings),
         "prefect_api_url": os.environ.get("PREFECT_API_URL") or settings.prefect_api_url,
         "prefect_ui_url": (
@@ -287,16 +289,24 @@ def cmd_env(args: argparse.Namespace) -> int:
                 continue
             s.stop()
             log.info("stopped %s", s.name)
-        try:
-            from gantry.adapters.docker_engine import connect
-            from gantry.deploy.docker import remove_deployments
+        if settings.deployments_shared:
+            # Other hosts deploy through the same engine into that directory: what serves
+            # there is not this host's to stop.
+            log.info(
+                "deployments under %s (GANTRY_DEPLOYMENTS_DIR) are shared and left running",
+                settings.deployments_dir,
+            )
+        else:
+            try:
+                from gantry.adapters.docker_engine import connect
+                from gantry.deploy.docker import remove_deployments
 
-            client = connect(timeout_s=30)
-            if n := remove_deployments(client, settings.deployments_dir):
-                log.info("stopped %d deployment container(s); releases start them again", n)
-            client.close()
-        except GantryError as exc:
-            log.warning("deployments left running: %s", exc)
+                client = connect(timeout_s=30)
+                if n := remove_deployments(client, settings.deployments_dir):
+                    log.info("stopped %d deployment container(s); releases start them again", n)
+                client.close()
+            except GantryError as exc:
+                log.warning("deployments left running: %s", exc)
     summary = _env_summary(settings)
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2))

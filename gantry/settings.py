@@ -124,6 +124,13 @@ class Settings(BaseModel):
         "minutes on 2 cores), keyed by sdist hash and build settings (GANTRY_BUILT_WHEELS_DIR, "
         "default ~/.cache/gantry/built-wheels, so fresh checkouts reuse them). Safe to share."
     )
+    deployments_dir_override: Path | None = Field(
+        default=None,
+        description="Where the Docker deploy target keeps each model's deployment "
+        "(GANTRY_DEPLOYMENTS_DIR, default <state dir>/deployments). Worker hosts that deploy "
+        "through one engine share it, at the same path on each: the router mounts its "
+        "configuration from there, so it is a directory of the engine's host.",
+    )
     docker_timeout_s: float = Field(default=600, description="Docker API call timeout.")
     token_hosts: dict[str, tuple[str, ...]] = Field(
         default_factory=dict,
@@ -132,10 +139,10 @@ class Settings(BaseModel):
         "hub2.internal;ORG_TOKEN=…`), besides huggingface.co and the host of $HF_ENDPOINT.",
     )
 
-    @field_validator("state_dir", "cache_dir", "built_wheels_dir")
+    @field_validator("state_dir", "cache_dir", "built_wheels_dir", "deployments_dir_override")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -175,6 +182,9 @@ class Settings(BaseModel):
                 e.get("GANTRY_MLFLOW_ADDR", "127.0.0.1:5080"), "GANTRY_MLFLOW_ADDR"
             ),
             token_hosts=_token_hosts(e.get("GANTRY_TOKEN_HOSTS", "")),
+            deployments_dir_override=Path(e["GANTRY_DEPLOYMENTS_DIR"])
+            if e.get("GANTRY_DEPLOYMENTS_DIR")
+            else None,
         )
 
     # Sub-directories; created on first use by the code that writes them.
@@ -216,7 +226,13 @@ class Settings(BaseModel):
 
     @cached_property
     def deployments_dir(self) -> Path:
-        return self.state_dir / "deployments"
+        return self.deployments_dir_override or self.state_dir / "deployments"
+
+    @property
+    def deployments_shared(self) -> bool:
+        """Whether the deployments are kept outside this state dir (GANTRY_DEPLOYMENTS_DIR),
+        where other hosts deploying through the same engine share them."""
+        return self.deployments_dir_override is not None
 
     @cached_property
     def webhook_dir(self) -> Path:

@@ -15,7 +15,7 @@ that needs them (build, sign) finds them again or fetches them.
 
 Usage::
 
-    shared = shared_records(settings, tracking_uri_for(spec, settings))  # None: one host
+    shared = shared_records(settings)  # None on one machine
     rec = Recorder(settings.releases_dir, spec, flow_run_id=None, shared=shared)
 """
 
@@ -33,8 +33,15 @@ from pydantic import ValidationError
 from gantry.adapters.mlflow_registry import MlflowRegistry, is_sqlite
 from gantry.errors import ConfigError
 from gantry.proc import redact_text
-from gantry.record import ReleaseRecord, SharedRun, StageStatus, serving_record
+from gantry.record import (
+    MAX_RUNS_LOOKED_BACK,
+    ReleaseRecord,
+    SharedRun,
+    StageStatus,
+    serving_record,
+)
 from gantry.settings import Settings
+from gantry.stages.register import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,8 @@ STATUS_TAG: Final = "gantry.record.status"
 HOST_TAG: Final = "gantry.record.host"
 FLOW_RUN_TAG: Final = "gantry.record.flow_run_id"
 ARTIFACT: Final = "record.json"
+#: Files of a run another host needs to start its version: the weights' signature bundle.
+FILES: Final = "files"
 
 _FINAL = {StageStatus.SUCCEEDED: "FINISHED", StageStatus.FAILED: "FAILED"}
 
@@ -61,6 +70,7 @@ class SharedRecords:
         self.host = host or socket.gethostname()
         self._experiment: str | None = None
         self._mlflow_run: dict[str, str] = {}  # a record's run_id -> its MLflow run
+        self._files_sent: set[str] = set()
 
     @property
     def where(self) -> str:
@@ -98,6 +108,10 @@ class SharedRecords:
             )
             self._mlflow_run[record.run_id] = run
         self.registry.log_text(run, record.model_dump_json(indent=2), ARTIFACT)
+        signature = _weights_signature(record)
+        if signature is not None and str(signature) not in self._files_sent and signature.is_file():
+            self.registry.log_artifact(run, signature, FILES)
+            self._files_sent.add(str(signature))
         self.registry.log_batch(run, tags={STATUS_TAG: record.status.value})
         if (final := _FINAL.get(record.status)) is not None:
             self.registry.finish_run(run, final)
@@ -133,6 +147,25 @@ class SharedRecords:
                 f"the record of run {run.mlflow_run_id} ({run.host}) is unreadable: {exc}"
             ) from None
 
+    def weights_signature(self, release_id: str, manifest_digest: str) -> str | None:
+        """The weights signature bundle a run of ``release_id`` made over the manifest
+        ``manifest_digest`` (signed with the key every host shares); None if none is kept."""
+        for run in self.runs(release_id, MAX_RUNS_LOOKED_BACK):
+            try:
+                rec = self.read(run)
+            except ValueError:
+                continue
+            signature = _weights_signature(rec) if rec is not None else None
+            weights = rec.stages["weights"].result if rec is not None else None
+            if signature is None or not weights:
+                continue
+            if weights.get("manifest_digest") != manifest_digest:
+                continue
+            text = self.registry.read_text(run.mlflow_run_id, f"{FILES}/{signature.name}")
+            if text is not None:
+                return text
+        return None
+
     def history(self, release_id: str, limit: int) -> Iterator[ReleaseRecord]:
         """The records of ``release_id``'s runs, newest first; stops at an unreadable one."""
         for run in self.runs(release_id, limit):
@@ -145,27 +178,34 @@ class SharedRecords:
                 yield rec
 
 
-def shared_records(
-    settings: Settings, tracking_uri: str, timeout_s: float = 30
-) -> SharedRecords | None:
+def _weights_signature(record: ReleaseRecord) -> Path | None:
+    """The weights signature file a run's `sign` stage names, once it succeeded."""
+    sign = record.stages.get("sign")
+    if sign is None or sign.status != StageStatus.SUCCEEDED or not sign.result:
+        return None
+    path = sign.result.get("weights_signature")
+    return Path(path) if isinstance(path, str) and path else None
+
+
+def shared_records(settings: Settings, timeout_s: float = 30) -> SharedRecords | None:
     """The shared record store of ``settings``'s topology: None on one machine (records
-    are local files), else the tracking server at ``tracking_uri``."""
+    are local files), else the tracking server every host uses (``MLFLOW_TRACKING_URI``,
+    or the embedded MLflow server): the records are the hosts' state, not the model's, so a
+    spec's own ``mlflow.tracking_uri`` does not move them."""
     if settings.topology != "multi":
         return None
+    tracking_uri = default_tracking_uri(settings)
     if is_sqlite(tracking_uri) or "://" not in tracking_uri:
         raise ConfigError(
             f"GANTRY_TOPOLOGY=multi keeps release records where every host reads them, but "
             f"the tracking store {redact_text(tracking_uri)} is a file of this host",
-            fix="unset MLFLOW_TRACKING_URI and mlflow.tracking_uri (`gantry env up` runs an "
-            "MLflow server on PostgreSQL), or point them at the MLflow server the hosts share",
+            fix="unset MLFLOW_TRACKING_URI (`gantry env up` runs an MLflow server on "
+            "PostgreSQL), or point it at the MLflow server the hosts share",
         )
     return SharedRecords(MlflowRegistry(tracking_uri, timeout_s=timeout_s))
 
 
-def serving_record_for(
-    settings: Settings, release_id: str, tracking_uri: str, timeout_s: float = 30
-) -> Path:
+def serving_record_for(settings: Settings, release_id: str) -> Path:
     """:func:`~gantry.record.serving_record` with the topology's share: on several hosts, a
     release run elsewhere is started from the record read from the tracking server."""
-    shared = shared_records(settings, tracking_uri, timeout_s)
-    return serving_record(settings.releases_dir, release_id, shared)
+    return serving_record(settings.releases_dir, release_id, shared_records(settings))

@@ -71,7 +71,7 @@ from gantry.stages import scan as scan_stage
 from gantry.stages.build import runtime_dir
 from gantry.stages.canary.rollback import RollbackResult, rollback_model
 from gantry.stages.canary.run import target_for
-from gantry.stages.canary.serving import release_from_record, verify_release
+from gantry.stages.canary.serving import localized, record_of, release_from_record, verify_release
 from gantry.stages.canary.state import DeploymentStatus, DeploymentStore
 from gantry.stages.evaluate import EvalResult, dataset_sha256, measure
 from gantry.stages.register import open_registry, with_tracking_uri
@@ -677,8 +677,15 @@ def _reevaluate(
         endpoint=f"http://127.0.0.1:{status.port}" if status.port else None,
     )
     try:
-        release = release_from_record(
-            Path(champ.record), f"champion version {champ.version} of {status.model}"
+        # Another host may have deployed it (hosts sharing the deployments): its record and
+        # files are then read from the shared store.
+        champ_record = record_of(champ, settings)
+        release = localized(
+            release_from_record(
+                champ_record, f"champion version {champ.version} of {status.model}"
+            ),
+            champ.release_id,
+            settings,
         )
         spec = with_tracking_uri(release.spec, opts.tracking_uri)
         registry = open_registry(spec, settings)
@@ -706,7 +713,7 @@ def _reevaluate(
     run_dir = _run_dir(settings, store, acc.started_at)
     record: ReleaseRecord | None = None
     with contextlib.suppress(OSError, ValueError):  # release_from_record has read it
-        record = load_record(Path(champ.record))
+        record = load_record(champ_record)
     image_missing = False
     try:
         # Verification before use: nothing is judged on an image or weights that fail it.

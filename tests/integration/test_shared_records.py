@@ -19,7 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 from gantry.adapters.mlflow_registry import MlflowRegistry
-from gantry.errors import MLflowUnavailableError, is_transient
+from gantry.errors import ConfigError, MLflowUnavailableError, is_transient
 from gantry.record import Recorder, StageStatus, load_record, serving_record
 from gantry.settings import Settings
 from gantry.shared_records import (
@@ -182,12 +182,16 @@ def test_an_unreachable_share_costs_only_reuse_until_a_version_must_serve(
 
 
 def test_multi_topology_refuses_a_tracking_store_other_hosts_cannot_read(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path), "GANTRY_TOPOLOGY": "multi"})
     single = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path)})
-    assert shared_records(single, f"sqlite:///{tmp_path}/m.db") is None
-    with pytest.raises(Exception, match="MLFLOW_TRACKING_URI") as info:
-        shared_records(settings, f"sqlite:///{tmp_path}/m.db")
-    assert type(info.value).__name__ == "ConfigError"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    assert shared_records(single) is None
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI") as info:
+        shared_records(settings)
     assert os.fspath(tmp_path) in str(info.value)
+    # The embedded server (no MLFLOW_TRACKING_URI) is one every host can reach.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    share = shared_records(settings)
+    assert share is not None and share.where == settings.mlflow_server_url

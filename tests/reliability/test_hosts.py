@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from gantry.adapters.mlflow_registry import CHAMPION, RELEASE_TAG, MlflowRegistry
+from gantry.deploy.docker import MODEL_LABEL, ROLE_LABEL
 from gantry.localenv.services import metrics_services
 from gantry.record import StageStatus, load_record
 from gantry.settings import Settings
@@ -40,6 +41,17 @@ from tests.support import REPO_ROOT, GantryEnv, PrefectServer, free_port, tracki
 pytestmark = pytest.mark.reliability
 
 MODEL = "minilm-hosts"
+#: Windows long enough for min_requests of the canary's own probes (two a second).
+CANARY = {
+    "window_s": 4,
+    "interval_s": 0.5,
+    "min_requests": 5,
+    "keep_warm_s": 0,
+    "drain_s": 5,
+    # The machines are shared: latency must not decide here (tests/unit judge it).
+    "max_latency_ratio": 100,
+    "latency_slack_ms": 60_000,
+}
 #: The release lock's lease (gantry.locks) plus Prefect's expiry sweep, with margin.
 LEASE_LAPSE_S = 150
 
@@ -51,7 +63,12 @@ def tracking_url() -> Iterator[str]:
 
 
 def _host_env(
-    root: Path, name: str, gantry_env: GantryEnv, prefect: PrefectServer, url: str
+    root: Path,
+    name: str,
+    gantry_env: GantryEnv,
+    prefect: PrefectServer,
+    url: str,
+    **extra: str,
 ) -> dict[str, str]:
     env = {
         **os.environ,
@@ -63,35 +80,42 @@ def _host_env(
         "GANTRY_PROMETHEUS_ADDR": f"127.0.0.1:{free_port()}",
         "GANTRY_EXPORTER_ADDR": f"127.0.0.1:{free_port()}",
         "PYTHONUNBUFFERED": "1",
+        **extra,
     }
     env.pop("PREFECT_HOME", None)
     return env
 
 
-def _spec(root: Path, env: dict[str, str]) -> Path:
-    # One signing key for every host (a key made on one host is that host's alone: the
-    # multi topology refuses to make one), as a secret mounted on each worker would be.
+def _keys(root: Path, env: dict[str, str]) -> Path:
+    """One signing key pair for every host (a key made on one host is that host's alone:
+    the multi topology refuses to make one), as a secret mounted on each worker would be."""
     keys = root / "keys"
-    made = subprocess.run(
-        [sys.executable, "-m", "gantry.cli", "keys", "generate", "--dir", str(keys)],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
+    if not (keys / "cosign.key").is_file():
+        made = subprocess.run(
+            [sys.executable, "-m", "gantry.cli", "keys", "generate", "--dir", str(keys)],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr[-2000:]
+    return keys / "cosign.key"
+
+
+def _spec(root: Path, env: dict[str, str], model: str = MODEL, revision: str = "v1") -> Path:
     data = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
-    data.setdefault("sign", {})["key"] = str(keys / "cosign.key")
+    data.setdefault("sign", {})["key"] = str(_keys(root, env))
     lines = (REPO_ROOT / data["evaluate"]["dataset"]).read_text().splitlines()
     subset = root / "eval.jsonl"
     subset.write_text("\n".join(lines[::20]) + "\n")
-    data["name"] = MODEL
+    data["name"] = model
+    data["source"]["revision"] = revision
     data["evaluate"]["dataset"] = str(subset)
-    data["mlflow"] = {"model_name": MODEL}
-    data["canary"] = {"window_s": 2, "interval_s": 0.5, "min_requests": 5, "keep_warm_s": 0}
-    path = root / "spec.yaml"
+    data["mlflow"] = {"model_name": model}
+    data["canary"] = CANARY
+    path = root / f"{model}-{revision}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -220,5 +244,94 @@ def test_a_release_whose_host_died_resumes_on_another_host(
 
         remove_deployments(client, settings_b.deployments_dir)
         for svc in metrics_services(settings_b):
+            svc.stop()
+        client.close()
+
+
+def test_hosts_share_a_models_deployment_and_roll_back_to_a_version_of_a_dead_host(
+    gantry_env: GantryEnv,
+    prefect_server: PrefectServer,
+    tracking_url: str,
+    tmp_path: Path,
+    scenario: Scenario,
+) -> None:
+    """Two hosts deploying through one engine share GANTRY_DEPLOYMENTS_DIR: host A releases
+    v1 and is gone; host B's v2 runs its canary against A's champion in the same
+    deployment, then `gantry rollback` on B starts v1 again from A's shared record (its
+    weights fetched again by commit, its weights signature read from the share)."""
+    scenario.group = "hosts: a worker host dies"
+    scenario.title = (
+        "host A releases v1 and is deleted; host B releases v2 into the same deployment, "
+        "then rolls back to v1"
+    )
+    model = "minilm-hosts-shared"
+    shared = tmp_path / "deployments"
+    host_a = _host_env(
+        tmp_path,
+        "host-a",
+        gantry_env,
+        prefect_server,
+        tracking_url,
+        GANTRY_DEPLOYMENTS_DIR=str(shared),
+    )
+    host_b = _host_env(
+        tmp_path,
+        "host-b",
+        gantry_env,
+        prefect_server,
+        tracking_url,
+        GANTRY_DEPLOYMENTS_DIR=str(shared),
+    )
+    settings_a, settings_b = Settings.from_env(host_a), Settings.from_env(host_b)
+    client = docker.from_env(timeout=120)
+    try:
+        first = _release(host_a, _spec(tmp_path, host_a, model, "v1"))
+        assert first.returncode == 0, first.stderr[-3000:]
+        v1 = load_record(Path(first.stdout.strip().splitlines()[-1]))
+        for svc in metrics_services(settings_a):
+            svc.stop()
+        shutil.rmtree(tmp_path / "host-a")  # A is gone; the deployment it made serves on
+
+        second = _release(host_b, _spec(tmp_path, host_b, model, "v2"))
+        assert second.returncode == 0, second.stderr[-3000:]
+        v2 = load_record(Path(second.stdout.strip().splitlines()[-1]))
+        canary = v2.stages["canary"].result or {}
+        v1_version = (v1.stages["canary"].result or {})["version"]
+        assert canary["outcome"] == "promoted" and canary["previous_version"] == v1_version
+        routers = client.containers.list(
+            all=True, filters={"label": [f"{ROLE_LABEL}=router", f"{MODEL_LABEL}={model}"]}
+        )
+        assert len(routers) == 1, [r.name for r in routers]  # one deployment, not one per host
+
+        back = subprocess.run(
+            [sys.executable, "-m", "gantry.cli", "rollback", model],
+            env=host_b,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert back.returncode == 0, back.stderr[-3000:]
+        assert f"release {v1.release_id} was released on another host" in back.stderr
+        registry = MlflowRegistry(tracking_url, timeout_s=60)
+        champion = registry.get_alias_version(model, CHAMPION)
+        assert champion is not None and champion.version == v1_version
+        answer = httpx.post(
+            f"{canary['endpoint']}/v1/embeddings",
+            json={"model": model, "input": ["v1 serves again"]},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text[:500]
+        scenario.outcome = (
+            "B's canary of v2 ran against A's v1 in the one deployment and promoted it; "
+            "`gantry rollback` on B started v1 from A's shared record (weights fetched "
+            "again by commit, signature from the share) and v1 serves"
+        )
+    finally:
+        from gantry.deploy.docker import remove_deployments
+
+        remove_deployments(client, shared)
+        for svc in [*metrics_services(settings_a), *metrics_services(settings_b)]:
             svc.stop()
         client.close()

@@ -75,3 +75,22 @@ def test_multi_topology_never_makes_a_signing_key_of_one_host(tmp_path: Path) ->
     single = Settings.from_env({"GANTRY_STATE_DIR": str(tmp_path)})
     assert resolve_keys(SignOptions(), single).generated  # one machine: made on first use
     assert not resolve_keys(SignOptions(), multi).generated  # now there is one to use
+
+
+def test_hosts_that_share_a_deployments_dir_share_each_models_deployment(
+    tmp_path: Path,
+) -> None:
+    """GANTRY_DEPLOYMENTS_DIR: hosts deploying through one engine name a model's
+    deployment alike (one router, one status), wherever their state dirs are."""
+    from gantry.stages.canary.state import DeploymentStore
+
+    own = _settings(tmp_path / "a")
+    assert own.deployments_dir == tmp_path / "a" / "deployments" and not own.deployments_shared
+    shared = str(tmp_path / "deployments")
+    a = _settings(tmp_path / "a", GANTRY_DEPLOYMENTS_DIR=shared)
+    b = _settings(tmp_path / "b", GANTRY_DEPLOYMENTS_DIR=shared)
+    assert a.deployments_shared and a.deployments_dir == b.deployments_dir
+    store_a, store_b = (DeploymentStore(s.deployments_dir, "m") for s in (a, b))
+    assert store_a.name == store_b.name and store_a.path == store_b.path
+    lone = DeploymentStore(_settings(tmp_path / "b").deployments_dir, "m")
+    assert lone.name != store_a.name  # another state dir's own deployments stay apart

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -24,15 +23,15 @@ from gantry.adapters import docker_engine
 from gantry.adapters.mlflow_registry import CHAMPION
 from gantry.deploy.docker import discover
 from gantry.errors import DeploymentNotFoundError, DeploymentStatusUnreadableError
-from gantry.settings import Settings
+from gantry.settings import Settings, get_settings
 from gantry.shared_records import serving_record_for
 from gantry.spec import ReleaseSpec
 from gantry.stages.canary import machine as m
 from gantry.stages.canary.executor import Hooks
 from gantry.stages.canary.run import open_deployment
-from gantry.stages.canary.serving import release_from_record
+from gantry.stages.canary.serving import record_of, release_from_record
 from gantry.stages.canary.state import CanaryStatus, DeploymentStatus, DeploymentStore, Served
-from gantry.stages.register import default_tracking_uri, open_registry, with_tracking_uri
+from gantry.stages.register import open_registry, with_tracking_uri
 
 log = logging.getLogger("gantry.canary")
 
@@ -115,12 +114,11 @@ def rebuild_status(
     champion from a candidate (whose interrupted canary the rollback then aborts). The
     damaged file is kept beside the new one."""
     running, port = discover(client, store.name)
-    uri = tracking_uri or default_tracking_uri(settings)
     servers = [
         Served(
             version=r.version,
             release_id=r.release_id,
-            record=str(serving_record_for(settings, r.release_id, uri)),
+            record=str(serving_record_for(settings, r.release_id)),
             image=r.image,
             slot=r.slot,
         )
@@ -171,5 +169,5 @@ def _spec_of(status: DeploymentStatus, tracking_uri: str | None) -> ReleaseSpec:
     served = status.champion or status.candidate
     if served is None:
         raise DeploymentNotFoundError(f"{status.model} has nothing deployed")
-    spec = release_from_record(Path(served.record), f"version {served.version}").spec
+    spec = release_from_record(record_of(served, get_settings()), f"version {served.version}").spec
     return with_tracking_uri(spec, tracking_uri)

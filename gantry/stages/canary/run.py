@@ -48,7 +48,7 @@ from gantry.stages.canary.probes import Prober
 from gantry.stages.canary.serving import launch_for, release_from_record, start_recorded
 from gantry.stages.canary.sources import MetricSource, PrometheusSource, RouterLogSource
 from gantry.stages.canary.state import DeploymentStatus, DeploymentStore, Phase, Served, now
-from gantry.stages.register import RegisterResult, open_registry, tracking_uri_for
+from gantry.stages.register import RegisterResult, open_registry
 from gantry.stages.sign import SignResult
 from gantry.stages.smoke import verify_inputs
 from gantry.stages.weights import WeightsResult
@@ -248,15 +248,7 @@ def run(
         cand = Served(
             version=version,
             release_id=spec.release_id,
-            record=record
-            or str(
-                serving_record_for(
-                    settings,
-                    spec.release_id,
-                    tracking_uri_for(spec, settings),
-                    spec.mlflow.timeout_s,
-                )
-            ),
+            record=record or str(serving_record_for(settings, spec.release_id)),
             image=build.image,
             slot=slot,
         )
@@ -345,9 +337,7 @@ def _already_champion(
     champ = dep.status.champion
     if champ is None or champ.version != version:
         # MLflow says champion but this deployment never ran it (e.g. a fresh engine).
-        path = serving_record_for(
-            settings, spec.release_id, tracking_uri_for(spec, settings), spec.mlflow.timeout_s
-        )
+        path = serving_record_for(settings, spec.release_id)
         rel = release_from_record(path, f"version {version}")
         champ = Served(
             version=version,
@@ -391,9 +381,7 @@ def _live_champion(
         return champ
     release_id = alias.tags.get("gantry.release_id", "")
     # Released on another host, perhaps: its record is then read from the shared store.
-    path = serving_record_for(
-        settings, release_id, tracking_uri_for(spec, settings), spec.mlflow.timeout_s
-    )
+    path = serving_record_for(settings, release_id)
     rel = release_from_record(path, f"champion version {alias.version} of {dep.model}")
     log.warning(
         "champion version %s of %s is not deployed here; starting it first",

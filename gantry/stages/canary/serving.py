@@ -4,20 +4,25 @@ from its release record, verified before it starts."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gantry.adapters import containers, docker_engine
+from gantry.atomicfile import write_atomic
 from gantry.deploy.docker import VERSION_LABEL
 from gantry.deploy.router import Launch, Target
 from gantry.errors import ChampionUnavailableError
 from gantry.record import load_record
+from gantry.settings import Settings, get_settings
+from gantry.shared_records import serving_record_for, shared_records
 from gantry.spec import ReleaseSpec
+from gantry.stages import weights as weights_stage
 from gantry.stages.build import BuildResult
 from gantry.stages.canary.state import Served
-from gantry.stages.sign import SignResult
+from gantry.stages.sign import SignResult, weights_signature_path
 from gantry.stages.smoke import runtime_env, verify_inputs
-from gantry.stages.weights import WeightsResult
+from gantry.stages.weights import WeightsResult, WeightStore
 
 log = logging.getLogger("gantry.canary")
 
@@ -103,9 +108,64 @@ def verified_launch(release: Release, version: str, client: docker_engine.Docker
     return launch_for(spec, release.build, release.weights, gpus, version)
 
 
+def record_of(served: Served, settings: Settings) -> Path:
+    """The record to start ``served`` from: the file the deployment names when this host
+    has it; else (another host deployed it, sharing the deployment) the release's record
+    on this host or in the shared store."""
+    path = Path(served.record)
+    return path if path.is_file() else serving_record_for(settings, served.release_id)
+
+
+def localized(release: Release, release_id: str, settings: Settings) -> Release:
+    """``release`` with its files on this host. A record from another host names that
+    host's weights snapshot and weights signature: the weights are fetched again by commit
+    (they must hash to the recorded manifest digest) and the signature made at release
+    time is read from the shared store, so the verification before start is the same."""
+    w, s = release.weights, release.sign
+    have = Path(w.path).is_dir() and Path(w.manifest_path).is_file()
+    if have and Path(s.weights_signature).is_file():
+        return release
+    shared = shared_records(settings)
+    if shared is None:
+        return release  # one host: the verification says what is missing
+    what = f"release {release_id}"
+    log.info("%s was released on another host: fetching its weights by commit here", what)
+    source = release.spec.source.model_copy(update={"revision": w.commit})
+    here = weights_stage.run(
+        source,
+        WeightStore(settings.weights_dir),
+        token=os.environ.get(source.token_env) or None,
+        token_hosts=settings.token_hosts,
+    )
+    if here.manifest_digest != w.manifest_digest:
+        raise ChampionUnavailableError(
+            f"{what}: commit {w.commit} of {w.repo_id} now hashes to manifest "
+            f"{here.manifest_digest}, not the released {w.manifest_digest}",
+            fix="the hub's content changed under a commit id: check the hub, then release "
+            "the spec again",
+        )
+    signature = weights_signature_path(here)
+    if not signature.is_file():
+        text = shared.weights_signature(release_id, w.manifest_digest)
+        if text is None:
+            raise ChampionUnavailableError(
+                f"{what}: no host kept its weights signature in {shared.where}",
+                fix="release its spec again (the stages done are cached), then retry",
+            )
+        write_atomic(signature, text)
+    return replace(
+        release, weights=here, sign=s.model_copy(update={"weights_signature": str(signature)})
+    )
+
+
 def start_recorded(target: Target, client: docker_engine.DockerClient, served: Served) -> None:
     """Start ``served`` in its slot from its release record; wait until the router sees it."""
-    release = release_from_record(Path(served.record), f"version {served.version}")
+    settings = get_settings()
+    release = localized(
+        release_from_record(record_of(served, settings), f"version {served.version}"),
+        served.release_id,
+        settings,
+    )
     cold = target.start(served.slot, verified_launch(release, served.version, client))
     target.readmit(served.slot)
     target.wait_server_up(served.slot, release.spec.smoke.deadline_s)
