@@ -70,7 +70,7 @@ class SharedRecords:
         self.host = host or socket.gethostname()
         self._experiment: str | None = None
         self._mlflow_run: dict[str, str] = {}  # a record's run_id -> its MLflow run
-        self._files_sent: set[str] = set()
+        self._files_sent: set[tuple[str, str]] = set()  # (MLflow run, file) uploaded
 
     @property
     def where(self) -> str:
@@ -89,29 +89,26 @@ class SharedRecords:
             raise ValueError("a record without run_id cannot be shared")
         run = self._mlflow_run.get(record.run_id)
         if run is None:
-            exp = self._experiment_id()
-            found = self.registry.tagged_runs(exp, RUN_TAG, record.run_id, limit=1)
-            run = (
-                str(found[0].info.run_id)
-                if found
-                else self.registry.start_run(
-                    exp,
-                    record.release_id,
-                    {
-                        RELEASE_TAG: record.release_id,
-                        RUN_TAG: record.run_id,
-                        HOST_TAG: self.host,
-                        FLOW_RUN_TAG: record.flow_run_id or "",
-                        "gantry.model": record.model,
-                    },
-                )
+            run = self.registry.start_run(
+                self._experiment_id(),
+                record.release_id,
+                {
+                    RELEASE_TAG: record.release_id,
+                    RUN_TAG: record.run_id,
+                    HOST_TAG: self.host,
+                    FLOW_RUN_TAG: record.flow_run_id or "",
+                    "gantry.model": record.model,
+                },
             )
             self._mlflow_run[record.run_id] = run
-        self.registry.log_text(run, record.model_dump_json(indent=2), ARTIFACT)
+        # The signature before the record that names it: a reader never finds a run whose
+        # record says signed and whose signature is not there yet.
         signature = _weights_signature(record)
-        if signature is not None and str(signature) not in self._files_sent and signature.is_file():
+        sent = (run, str(signature))
+        if signature is not None and sent not in self._files_sent and signature.is_file():
             self.registry.log_artifact(run, signature, FILES)
-            self._files_sent.add(str(signature))
+            self._files_sent.add(sent)
+        self.registry.log_text(run, record.model_dump_json(indent=2), ARTIFACT)
         self.registry.log_batch(run, tags={STATUS_TAG: record.status.value})
         if (final := _FINAL.get(record.status)) is not None:
             self.registry.finish_run(run, final)

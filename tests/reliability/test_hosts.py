@@ -13,6 +13,7 @@ evaluate runs again, one MLflow version, the champion serves.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import docker
@@ -115,6 +118,8 @@ def _spec(root: Path, env: dict[str, str], model: str = MODEL, revision: str = "
     data["evaluate"]["dataset"] = str(subset)
     data["mlflow"] = {"model_name": model}
     data["canary"] = CANARY
+    if revision == "degraded":  # past the eval gate, so the canary has to catch it
+        data["evaluate"].update(threshold=0.2, tolerance=1.0)
     path = root / f"{model}-{revision}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -334,4 +339,79 @@ def test_hosts_share_a_models_deployment_and_roll_back_to_a_version_of_a_dead_ho
         remove_deployments(client, shared)
         for svc in [*metrics_services(settings_a), *metrics_services(settings_b)]:
             svc.stop()
+        client.close()
+
+
+def _canaries(deployments: Path, model: str, since: float) -> list[tuple[float, float, str]]:
+    """(start, decision, outcome) of each canary of ``model`` in the shared deployments
+    started after ``since``."""
+    (dep,) = deployments.glob(f"gantry-{model}-*")
+    out = []
+    for path in (dep / "history").glob("*.json"):
+        c = json.loads(path.read_text())
+        start = datetime.fromisoformat(c["started_at"]).timestamp()
+        if start >= since:
+            out.append((start, datetime.fromisoformat(c["decided_at"]).timestamp(), c["phase"]))
+    return sorted(out)
+
+
+def test_two_hosts_candidates_of_one_model_take_turns(
+    gantry_env: GantryEnv,
+    prefect_server: PrefectServer,
+    tracking_url: str,
+    tmp_path: Path,
+    scenario: Scenario,
+) -> None:
+    """The deployment lock is a Prefect global concurrency limit: a candidate of one model
+    on each host at the same moment, their canaries one after the other, never both."""
+    scenario.group = "hosts: releases at once"
+    scenario.title = "a good and a degraded candidate of one model started together on two hosts"
+    model = "minilm-hosts-turns"
+    shared = tmp_path / "deployments"
+    envs = {
+        h: _host_env(
+            tmp_path,
+            h,
+            gantry_env,
+            prefect_server,
+            tracking_url,
+            GANTRY_DEPLOYMENTS_DIR=str(shared),
+        )
+        for h in ("host-a", "host-b")
+    }
+    client = docker.from_env(timeout=120)
+    try:
+        first = _release(envs["host-a"], _spec(tmp_path, envs["host-a"], model, "v1"))
+        assert first.returncode == 0, first.stderr[-3000:]
+        good = _spec(tmp_path, envs["host-a"], model, "v2")
+        bad = _spec(tmp_path, envs["host-b"], model, "degraded")
+        started = time.time()
+        with ThreadPoolExecutor(2) as pool:
+            on_a = pool.submit(_release, envs["host-a"], good)
+            on_b = pool.submit(_release, envs["host-b"], bad)
+            done_a, done_b = on_a.result(), on_b.result()
+        assert done_a.returncode == 0, done_a.stderr[-3000:]
+        assert done_b.returncode == 1 and "CanaryFailedError" in done_b.stderr, done_b.stderr[
+            -3000:
+        ]
+        canaries = _canaries(shared, model, since=started)
+        assert len(canaries) == 2, canaries
+        (s1, e1, p1), (s2, e2, p2) = canaries
+        assert e1 <= s2, f"two canaries of {model} overlapped: {canaries}"
+        assert sorted([p1, p2]) == ["rolled-back", "succeeded"]
+        v2 = load_record(Path(done_a.stdout.strip().splitlines()[-1]))
+        champion = MlflowRegistry(tracking_url, timeout_s=60).get_alias_version(model, CHAMPION)
+        assert champion is not None
+        assert champion.version == (v2.stages["register"].result or {})["version"]
+        scenario.outcome = (
+            f"their canaries took turns ({p1} {e1 - s1:.0f}s, then {p2} {e2 - s2:.0f}s, no "
+            "overlap) in the one deployment; champion = the good candidate"
+        )
+    finally:
+        from gantry.deploy.docker import remove_deployments
+
+        remove_deployments(client, shared)
+        for env in envs.values():
+            for svc in metrics_services(Settings.from_env(env)):
+                svc.stop()
         client.close()

@@ -235,7 +235,7 @@ def run(
         verify_inputs(build, weights, sign)  # an unsigned candidate never starts
         if sign.image != build.image:
             raise ChampionUnavailableError(f"the sign stage signed {sign.image}, not {build.image}")
-        champion = _live_champion(dep, spec, settings, alias)
+        champion = _live_champion(dep, settings, alias)
         gpus = containers.resolve_gpus(client.info(), spec.smoke.accelerator, spec.smoke.gpus)
         if champion is None and dep.status.champion is not None:
             log.warning(
@@ -370,7 +370,7 @@ def _already_champion(
 
 
 def _live_champion(
-    dep: Deployment, spec: ReleaseSpec, settings: Settings, alias: ModelVersionRef | None
+    dep: Deployment, settings: Settings, alias: ModelVersionRef | None
 ) -> Served | None:
     """The champion the candidate is compared with, serving; None for a first release."""
     if alias is None:
