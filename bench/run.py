@@ -18,6 +18,8 @@ ports; wheels and base images from the shared cache, as in any second run):
   evaluate       requests/s of `evaluate` vs `wrk` on the same endpoint and requests
   canary         failing check -> weight 0; a good canary vs the sum of its windows
   chat           chat TTFT (SmolLM2 on llama.cpp) through the router vs to its server
+  records        a release run's record writes kept in the tracking server (several hosts)
+                 vs the local file alone
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import canary, chat, measures  # noqa: E402 - after the path is set
+from bench import canary, chat, measures, records  # noqa: E402 - after the path is set
 from bench.common import Row, bench_env, report, splice_readme  # noqa: E402
 
 ORDER = (
@@ -43,9 +45,10 @@ ORDER = (
     "evaluate",
     "canary",
     "chat",
+    "records",
 )
 #: Measures that live in modules of their own.
-MODULES = {"canary": canary.measure, "chat": chat.measure}
+MODULES = {"canary": canary.measure, "chat": chat.measure, "records": records.measure}
 
 
 def main() -> None:

@@ -206,6 +206,11 @@ class MlflowRegistry:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(HTTP_MAX_RETRIES)
         os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(HTTP_BACKOFF_FACTOR)
+        # Ending a run on a server prints "View run … at: http://…" to stdout, whose last
+        # line is the record path `gantry release` promises; logs say where runs are.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        # Nor a progress bar on stderr per artifact read (records read from the server).
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         db = sqlite_path(tracking_uri)
         if artifact_root is None and db is not None:
             artifact_root = db.parent / "artifacts"
