@@ -10,8 +10,9 @@ would; `gantry rollback` and a canary that must start a champion released elsewh
 its record from there too.
 
 Only what is re-derivable stays per host: weights blobs and the wheelhouse are
-content-addressed and verified on use, so a stage re-used from another host's record
-that needs them (build, sign) finds them again or fetches them.
+content-addressed and verified on use, so a host that misses them fetches them again; a
+scan's report files are a host's own too, so another host scans again
+(:func:`gantry.stages.scan.stale_because`).
 
 Usage::
 

@@ -154,6 +154,9 @@ def test_the_newest_run_wins_whichever_host_ran_it(tracking_url: str, tmp_path: 
     third = Recorder(host_a, spec, flow_run_id=None, shared=share_a)
     assert third.run_stage("scan", lambda: Out(value="a-3"), reuse=(Out, "k2")).value == "b-2"
     assert third.last_result("scan", Out) == Out(value="b-2")
+    # A run's file that was never kept reads as absent, not as an error.
+    (run, *_) = share_a.runs(spec.release_id, limit=5)
+    assert share_a.registry.read_text(run.mlflow_run_id, "files/none.sig.json") is None
 
 
 def test_an_unreachable_share_costs_only_reuse_until_a_version_must_serve(

@@ -200,7 +200,8 @@ def stale_because(
     files = (result.sbom_path, result.report_path, result.config_report_path, result.decision_path)
     missing = [f for f in files if f and not Path(f).is_file()]
     if missing:
-        return f"its reports are not on this host ({', '.join(missing)}): another host scanned"
+        where = ", ".join(missing)
+        return f"its reports are not on this host ({where}): another host scanned, or deleted"
     expired = [e.id for e in result.allowlist_used if e.expires < now.date()]
     if expired:
         return f"allowlist entries it relied on have expired ({', '.join(expired)})"
