@@ -26,9 +26,11 @@ from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
 pytestmark = pytest.mark.reliability
 
 CANARY = {
-    "window_s": 3,
+    "window_s": 4,
     "interval_s": 0.5,
-    "min_requests": 5,
+    # Four releases at once on 2 cores slow the probes to about one a second (CI saw 4 in
+    # a window): the test is about turns on the lock, not how many requests judge a step.
+    "min_requests": 3,
     "keep_warm_s": 0,
     "drain_s": 5,
     # The machines are shared: latency must not decide here (tests/unit judge it).
