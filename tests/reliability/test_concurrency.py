@@ -20,23 +20,10 @@ import pytest
 import yaml
 
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
-from tests.reliability.conftest import Scenario
+from tests.reliability.conftest import BUSY_MACHINE_CANARY, Scenario
 from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
 
 pytestmark = pytest.mark.reliability
-
-CANARY = {
-    "window_s": 4,
-    "interval_s": 0.5,
-    # Four releases at once on 2 cores slow the probes to about one a second (CI saw 4 in
-    # a window): the test is about turns on the lock, not how many requests judge a step.
-    "min_requests": 3,
-    "keep_warm_s": 0,
-    "drain_s": 5,
-    # The machines are shared: latency must not decide here (tests/unit judge it).
-    "max_latency_ratio": 100,
-    "latency_slack_ms": 60_000,
-}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +41,7 @@ def _spec(tmp_path: Path, model: str, revision: str) -> Path:
         subset.write_text("\n".join(lines[::20]) + "\n")
     data["evaluate"]["dataset"] = str(subset)
     data["mlflow"] = {"model_name": model}
-    data["canary"] = CANARY
+    data["canary"] = BUSY_MACHINE_CANARY
     if revision == "degraded":
         data["evaluate"].update(threshold=0.2, tolerance=1.0)
     path = tmp_path / f"{model}-{revision}.yaml"

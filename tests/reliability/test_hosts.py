@@ -39,24 +39,12 @@ from gantry.settings import Settings
 from gantry.shared_records import EXPERIMENT, STATUS_TAG
 from gantry.shared_records import RELEASE_TAG as RECORD_RELEASE_TAG
 from gantry.spec import load_spec
-from tests.reliability.conftest import Scenario
+from tests.reliability.conftest import BUSY_MACHINE_CANARY, Scenario
 from tests.support import REPO_ROOT, GantryEnv, PrefectServer, free_port, tracking_server
 
 pytestmark = pytest.mark.reliability
 
 MODEL = "minilm-hosts"
-#: Windows long enough for min_requests of the canary's own probes even when two releases
-#: share 2 cores (CI saw one a second): these tests are about hosts, not statistics.
-CANARY = {
-    "window_s": 4,
-    "interval_s": 0.5,
-    "min_requests": 3,
-    "keep_warm_s": 0,
-    "drain_s": 5,
-    # The machines are shared: latency must not decide here (tests/unit judge it).
-    "max_latency_ratio": 100,
-    "latency_slack_ms": 60_000,
-}
 #: The release lock's lease (gantry.locks) plus Prefect's expiry sweep, with margin.
 LEASE_LAPSE_S = 150
 
@@ -91,20 +79,25 @@ def _host_env(
     return env
 
 
+def _gantry(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`gantry ARGS` as a host runs it, to the end."""
+    return subprocess.run(
+        [sys.executable, "-m", "gantry.cli", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _keys(root: Path, env: dict[str, str]) -> Path:
     """One signing key pair for every host (a key made on one host is that host's alone:
     the multi topology refuses to make one), as a secret mounted on each worker would be."""
     keys = root / "keys"
     if not (keys / "cosign.key").is_file():
-        made = subprocess.run(
-            [sys.executable, "-m", "gantry.cli", "keys", "generate", "--dir", str(keys)],
-            env=env,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        made = _gantry(env, "keys", "generate", "--dir", str(keys), timeout=120)
         assert made.returncode == 0, made.stderr[-2000:]
     return keys / "cosign.key"
 
@@ -119,7 +112,7 @@ def _spec(root: Path, env: dict[str, str], model: str = MODEL, revision: str = "
     data["source"]["revision"] = revision
     data["evaluate"]["dataset"] = str(subset)
     data["mlflow"] = {"model_name": model}
-    data["canary"] = CANARY
+    data["canary"] = BUSY_MACHINE_CANARY
     if revision == "degraded":  # past the eval gate, so the canary has to catch it
         data["evaluate"].update(threshold=0.2, tolerance=1.0)
     path = root / f"{model}-{revision}.yaml"
@@ -128,15 +121,7 @@ def _spec(root: Path, env: dict[str, str], model: str = MODEL, revision: str = "
 
 
 def _release(env: dict[str, str], spec: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gantry.cli", "release", str(spec)],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    return _gantry(env, "release", str(spec), timeout=900)
 
 
 def _kill_mid_evaluate(env: dict[str, str], spec: Path, record: Path, log: Path) -> None:
@@ -349,15 +334,7 @@ def test_hosts_share_a_models_deployment_take_turns_and_roll_back_to_a_dead_host
         for svc in metrics_services(Settings.from_env(host_a)):
             svc.stop()
         shutil.rmtree(tmp_path / "host-a")  # A is gone; the deployment it made serves on
-        back = subprocess.run(
-            [sys.executable, "-m", "gantry.cli", "rollback", model],
-            env=host_b,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        back = _gantry(host_b, "rollback", model, timeout=600)
         assert back.returncode == 0, back.stderr[-3000:]
         assert f"release {v1.release_id} was released on another host" in back.stderr
         champion = registry.get_alias_version(model, CHAMPION)
