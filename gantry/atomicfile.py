@@ -47,10 +47,12 @@ def _sweep(directory: Path, wanted: Callable[[str], bool]) -> list[Path]:
     return removed
 
 
-def private_dir(path: Path) -> Path:
-    """``path`` created (with parents) and made 0700: what is under it is the owner's."""
+def private_dir(path: Path, *, keep_search: bool = False) -> Path:
+    """``path`` created (with parents) and made 0700: what is under it is the owner's.
+    ``keep_search`` leaves an o+x already set (search without listing: the embedded
+    PostgreSQL's user reaches its cluster under the state dir through it)."""
     path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o700)
+    path.chmod(0o700 | (path.stat().st_mode & 0o001 if keep_search else 0))
     return path
 
 

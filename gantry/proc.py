@@ -149,6 +149,18 @@ def run(
     return Completed(argv=shown, returncode=proc.returncode, stdout=stdout, stderr=stderr)
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc's ``starttime``): with
+    the pid, it names one process, so a pid reused after a reboot or in a new container
+    is not mistaken for the one recorded. None where /proc does not say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (someone else's counts; a zombie does not)."""
     try:

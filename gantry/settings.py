@@ -81,6 +81,11 @@ class Settings(BaseModel):
     registry_is_local: bool = Field(description="Whether Gantry runs the registry itself.")
     hub_addr: str = Field(description="HOST:PORT of the embedded Hub endpoint (GANTRY_HUB_ADDR).")
     prefect_port: int = Field(description="Port of the embedded Prefect server.")
+    prefect_host: str = Field(
+        default="127.0.0.1",
+        description="Address the embedded Prefect server listens on (GANTRY_PREFECT_HOST); "
+        "its clients on this host use 127.0.0.1.",
+    )
     prometheus_addr: str = Field(
         default="127.0.0.1:5077",
         description="HOST:PORT the embedded Prometheus listens on (GANTRY_PROMETHEUS_ADDR).",
@@ -164,6 +169,7 @@ class Settings(BaseModel):
             registry_is_local=not registry,
             hub_addr=_hostport(e.get("GANTRY_HUB_ADDR", "127.0.0.1:5076"), "GANTRY_HUB_ADDR"),
             prefect_port=int(e.get("GANTRY_PREFECT_PORT", "4275")),
+            prefect_host=e.get("GANTRY_PREFECT_HOST", "127.0.0.1"),
             prometheus_addr=_hostport(
                 e.get("GANTRY_PROMETHEUS_ADDR", "127.0.0.1:5077"), "GANTRY_PROMETHEUS_ADDR"
             ),

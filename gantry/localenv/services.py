@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gantry.atomicfile import write_atomic
 from gantry.errors import GantryError, ServiceError, ToolNotFoundError
-from gantry.proc import pid_alive, redact_text, run, which
+from gantry.proc import pid_alive, process_start, redact_text, run, which
 from gantry.settings import Settings
 from gantry.tls import tls_context
 
@@ -100,10 +100,17 @@ class ManagedProcess:
 
     def pid(self) -> int | None:
         try:
-            pid = int(self.pidfile.read_text().strip())
+            pid_text, _, started = self.pidfile.read_text().strip().partition(" ")
+            pid = int(pid_text)
         except (FileNotFoundError, ValueError):
             return None
-        return pid if pid_alive(pid) else None
+        if not pid_alive(pid):
+            return None
+        # Another process under a recorded pid (after a reboot, or in a restarted
+        # container's new pid namespace) is not ours to wait for or stop.
+        if started and process_start(pid) not in (None, started):
+            return None
+        return pid
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -160,7 +167,7 @@ class ManagedProcess:
                     start_new_session=True,
                     cwd=self.run_dir,
                 )
-            self.pidfile.write_text(f"{proc.pid}\n")
+            self.pidfile.write_text(f"{proc.pid} {process_start(proc.pid) or ''}".strip() + "\n")
             if not self._wait_healthy(proc.pid, self.startup_timeout_s, proc):
                 self._terminate(proc.pid)
                 raise ServiceError(
@@ -468,7 +475,7 @@ def prefect_service(settings: Settings) -> ManagedProcess:
             "server",
             "start",
             "--host",
-            "127.0.0.1",
+            settings.prefect_host,
             "--port",
             str(settings.prefect_port),
         ],
@@ -663,6 +670,9 @@ class PostgresProcess(ManagedProcess):
     initdb: Path = field(default_factory=Path)
     pg_isready: Path = field(default_factory=Path)
     shutdown_timeout_s: float = 60
+    #: The state dir: Gantry makes it 0700 (`gantry` does on every command), so it lets
+    #: the server's user through it (o+x, no listing) rather than refuse.
+    state_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -701,6 +711,14 @@ class PostgresProcess(ManagedProcess):
                 st = parent.stat()
             except FileNotFoundError:
                 continue  # made below with the default mode (umask 022: traversable)
+            ours = self.state_dir is not None and (
+                parent == self.state_dir or self.state_dir in parent.parents
+            )
+            if ours and st.st_uid == os.getuid() and not st.st_mode & 0o001:
+                # Search only: the server's user can reach its cluster by name, and still
+                # cannot list the records, keys and tokens beside it.
+                parent.chmod((st.st_mode & 0o777) | 0o001)
+                continue
             if st.st_uid != self.account.pw_uid and not st.st_mode & 0o001:
                 raise ServiceError(
                     f"postgres: the `{self.account.pw_name}` user PostgreSQL runs as cannot "
@@ -843,6 +861,7 @@ def postgres_service(settings: Settings) -> PostgresProcess:
         account=account,
         initdb=postgres_bin("initdb"),
         pg_isready=postgres_bin("pg_isready"),
+        state_dir=settings.state_dir,
     )
 
 

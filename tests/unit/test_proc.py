@@ -67,3 +67,26 @@ def test_which(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GANTRY_NOPE_BIN", str(tmp_path / "missing"))
     with pytest.raises(ToolNotFoundError, match="not an executable"):
         which("gantry-no-such-tool", env_var="GANTRY_NOPE_BIN", install_hint="install it")
+
+
+def test_a_recorded_pid_that_another_process_now_has_is_not_taken_for_the_service(
+    tmp_path: Path,
+) -> None:
+    """After a reboot, or in a restarted container (a new pid namespace), the pid in a
+    service's pidfile may belong to anything: `start` would wait for it, then kill it."""
+    import os
+
+    from gantry.localenv.services import ManagedProcess
+    from gantry.proc import process_start
+
+    svc = ManagedProcess(
+        name="x", argv=["true"], host="127.0.0.1", port=1, health_path="/", run_dir=tmp_path
+    )
+    me, started = os.getpid(), process_start(os.getpid())
+    assert started is not None
+    svc.pidfile.write_text(f"{me} {started}\n")
+    assert svc.pid() == me
+    svc.pidfile.write_text(f"{me} {int(started) + 1}\n")
+    assert svc.pid() is None
+    svc.pidfile.write_text(f"{me}\n")  # written before start times were recorded
+    assert svc.pid() == me
