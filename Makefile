@@ -86,7 +86,24 @@ bench-hygiene: venv system-deps ## 20 releases through one `gantry serve`: conta
 down: venv ## stop the embedded services (state is kept)
 	$(GANTRY) env down
 
+WORKERS ?= 2
+
+.PHONY: topology
+topology: venv system-deps ## a control host and $(WORKERS) worker hosts as containers (see Several hosts)
+	$(GANTRY) topology up --workers $(WORKERS)
+
+.PHONY: topology-down
+topology-down: venv ## remove the topology's containers (its state is kept)
+	$(GANTRY) topology down
+
+.PHONY: topology-lock
+topology-lock: $(UV) ## re-export uv.lock's pins for the topology's host image
+	{ echo "# uv.lock's pins for the topology's host image (dockerfiles/topology): \`make topology-lock\`"; \
+	  $(UV) export --frozen --no-dev --group topology --no-emit-project --format requirements-txt --no-header; \
+	} > dockerfiles/topology/requirements.txt
+
 .PHONY: clean
 clean: ## stop services and delete all local state (.gantry) and virtualenvs
+	-[ -x $(GANTRY) ] && $(GANTRY) topology down
 	-[ -x $(GANTRY) ] && $(GANTRY) env down
 	rm -rf .gantry $(VENV) $(TOOLS)

@@ -9,6 +9,7 @@
     gantry hub token create      a token for the local hub (--write to publish models)
     gantry serve                 Prefect server, work pool, deployments and a worker
     gantry webhook serve         the CI webhook receiver that starts `release` runs
+    gantry topology up|down|status|deliver   several hosts as containers on one machine
     gantry spec-schema           the JSON schema of a release spec
 
 Exit codes: 0 success, 1 a stage or the environment failed, 2 invalid input.
@@ -532,6 +533,13 @@ async def _wait_worker_online(pool: str, name: str, timeout_s: float = 60) -> No
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     """Serve the CI webhook receiver in the foreground."""
+    config_file = args.config or os.environ.get("GANTRY_WEBHOOK_CONFIG")
+    serve_webhook(Path(config_file) if config_file else None, args.host, args.port)
+    return EXIT_OK
+
+
+def serve_webhook(config_file: Path | None, host: str, port: int) -> None:
+    """The webhook receiver on ``host:port`` until interrupted."""
     import uvicorn
 
     from gantry.adapters.prefect_api import prefect_starter
@@ -540,8 +548,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     from gantry.webhook.store import DeliveryStore
 
     settings = get_settings()
-    config_file = args.config or os.environ.get("GANTRY_WEBHOOK_CONFIG")
-    config = load_webhook_config(Path(config_file) if config_file else None)
+    config = load_webhook_config(config_file)
     _use_prefect(settings, start=False)
     app = create_app(
         config,
@@ -551,14 +558,13 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     )
     log.info(
         "webhook receiver on http://%s:%d/webhook starts %s (spec root %s, %d GitHub repos)",
-        args.host,
-        args.port,
+        host,
+        port,
         config.deployment,
         config.spec_root,
         len(config.github),
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=5)
-    return EXIT_OK
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -683,6 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     whs.add_argument("--host", default="127.0.0.1", help="address to listen on")
     whs.add_argument("--port", type=int, default=4280, help="port to listen on (default 4280)")
     wh.set_defaults(func=cmd_webhook)
+
+    from gantry.cli_topology import add_parser as add_topology
+
+    add_topology(sub)
     return p
 
 
@@ -692,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         # Records, keys, tokens and the deployments' controls live under it: the owner's.
-        private_dir(get_settings().state_dir)
+        private_dir(get_settings().state_dir, keep_search=True)
         code: int = args.func(args)
     except GantryError as exc:
         print(f"gantry: {exc}", file=sys.stderr)

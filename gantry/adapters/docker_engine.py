@@ -69,6 +69,7 @@ def build(
     labels: Mapping[str, str],
     timeout_s: float,
     nocache: bool = False,
+    buildargs: Mapping[str, str] | None = None,
 ) -> str:
     """Build ``context`` (legacy builder, no pull) and return the image id.
 
@@ -89,6 +90,7 @@ def build(
             pull=False,
             decode=True,
             nocache=nocache,
+            buildargs=dict(buildargs or {}),
         )
         for chunk in stream:
             if "error" in chunk:

@@ -315,6 +315,71 @@ async def online_workers(client: PrefectClient, pool: str, *, timeout_s: float =
     return [w.name for w in workers]
 
 
+def online_workers_at(api_url: str, pool: str, *, timeout_s: float = 10) -> list[str]:
+    """:func:`online_workers` of the server at ``api_url``, from a process whose own
+    Prefect settings point elsewhere (the REST call the client makes); [] while it does
+    not answer."""
+    try:
+        r = httpx.post(
+            f"{api_url}/work_pools/{pool}/workers/filter",
+            json={"offset": 0, "limit": 200, "workers": {"status": {"any_": ["ONLINE"]}}},
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError:
+        return []
+    return [str(w["name"]) for w in r.json()] if r.status_code == 200 else []
+
+
+#: The automation that marks a flow run crashed once its heartbeats stop (its host died).
+CRASH_DETECTION = "gantry-crash-silent-flow-runs"
+
+
+async def ensure_crash_detection(
+    client: PrefectClient, *, heartbeat_s: int, timeout_s: float = 30
+) -> bool:
+    """Prefect's zombie-run recipe: a flow run whose heartbeats (every ``heartbeat_s``, the
+    workers' ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``) stop for three periods without a final
+    state is set to Crashed, so a killed host's run does not stay Running for ever. Returns
+    whether it was created (False: it exists)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    with _bounded(timeout_s, "setting up crash detection"):
+        if await client.read_automations_by_name(CRASH_DETECTION):
+            return False
+        final = ("Completed", "Failed", "Cancelled", "Crashed")
+        await client.create_automation(
+            AutomationCore(
+                name=CRASH_DETECTION,
+                description="A flow run whose host stopped sending heartbeats is crashed "
+                "(gantry topology).",
+                trigger=EventTrigger(
+                    after={"prefect.flow-run.heartbeat"},
+                    expect={
+                        "prefect.flow-run.heartbeat",
+                        *(f"prefect.flow-run.{s}" for s in final),
+                    },
+                    match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                    for_each={"prefect.resource.id"},
+                    posture=Posture.Proactive,
+                    threshold=1,
+                    within=timedelta(seconds=3 * heartbeat_s),
+                ),
+                actions=[
+                    ChangeFlowRunState(
+                        state=StateType.CRASHED,
+                        message=f"no heartbeat for {3 * heartbeat_s}s: its host is gone",
+                    )
+                ],
+            )
+        )
+    return True
+
+
 class PrefectRunStarter:
     """Starts runs of one deployment; a repeated ``idempotency_key`` returns the same run.
 

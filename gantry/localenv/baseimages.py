@@ -110,6 +110,10 @@ _HOST_FILES = ("etc/hostname", "etc/resolv.conf")
 _IMAGE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+#: Base of the topology's host image; internal, never pulled (no registry has it).
+TOPOLOGY_HOST_BASE = "gantry/topology-host-base:bookworm"
+
+
 class Recipe(BaseModel):
     """How one stand-in image is made."""
 
@@ -162,6 +166,26 @@ RECIPES: dict[str, Recipe] = {
                 "ca-certificates",
                 "netbase",
                 "tzdata",
+            ),
+            python="3.11",
+            cmd=("python3",),
+        ),
+        # The hosts of `gantry topology up`: the control host's services (PostgreSQL, the
+        # registry) and a worker's (Prometheus; iptables sends its loopback traffic for the
+        # engine's published ports to the engine's host). Gantry itself is installed on it
+        # from the project's wheelhouse (dockerfiles/topology).
+        Recipe(
+            ref=TOPOLOGY_HOST_BASE,
+            include=(
+                "python3.11",
+                "python3-venv",
+                "ca-certificates",
+                "netbase",
+                "tzdata",
+                "iptables",
+                "postgresql",
+                "docker-registry",
+                "prometheus",
             ),
             python="3.11",
             cmd=("python3",),
