@@ -16,28 +16,35 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gantry.errors import ConfigError, ServiceError
 from gantry.settings import get_settings
 
+if TYPE_CHECKING:
+    from gantry.localenv.topology import Topology
+
 log = logging.getLogger("gantry.topology")
 
 
-def _topology(args: argparse.Namespace, *, must_exist: bool = True) -> Any:
+def _saved(args: argparse.Namespace) -> Topology | None:
+    """The topology `up` saved (under ``--root``, else the state dir's)."""
     from gantry.localenv.topology import load_topology, topology_root
 
     root = Path(args.root) if getattr(args, "root", None) else topology_root(get_settings())
-    t = load_topology(root)
-    if t is None and must_exist:
+    return load_topology(root)
+
+
+def _topology(args: argparse.Namespace) -> Topology:
+    if (t := _saved(args)) is None:
         raise ConfigError(
-            f"no topology under {root}",
+            "no topology has been started from this state dir",
             fix="start one with `gantry topology up --workers 2`",
         )
     return t
 
 
-def _online(t: Any) -> list[str]:
+def _online(t: Topology) -> list[str]:
     """Workers polling the topology's pool, asked of its Prefect server from this host."""
     from gantry.adapters.prefect_api import online_workers_at
     from gantry.localenv.topology import WORK_POOL
@@ -52,7 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from gantry.stages.build import project_root
 
     settings = get_settings()
-    old = _topology(args, must_exist=False)
+    old = _saved(args)
     project = Path(os.environ.get("GANTRY_PROJECT_DIR") or project_root()).resolve()
     t = topo.Topology(
         name=args.name or (old.name if old else "gantry-topology"),
@@ -68,17 +75,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     client = connect(timeout_s=600)
     if old is not None and old.workers > t.workers:
-        # Fewer workers than before: the extra ones go.
-        for role in old.worker_roles()[t.workers :]:
-            if (c := topo._get(client, old.container(role))) is not None:
-                c.remove(force=True)
+        topo.remove_hosts(client, old, old.worker_roles()[t.workers :])  # fewer than before
     _ensure_images(client, settings)  # the images releases build on: once, not per worker
     t = topo.up(client, settings, t, online=_online, timeout_s=args.timeout)
     client.close()
     summary = topo.status(connect(timeout_s=30), t, _online(t))
     _print_status(summary)
     print(f"\nexport PREFECT_API_URL={t.prefect_url}/api")
-    print(f"deliver a release: gantry topology deliver {args.example}")
+    print("deliver a release: gantry topology deliver examples/minilm-demo.yaml")
     return 0
 
 
@@ -109,7 +113,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from gantry.adapters.docker_engine import connect
     from gantry.localenv import topology as topo
 
-    t = _topology(args, must_exist=False)
+    t = _saved(args)
     if t is None:
         log.info("no topology to stop")
         return 0
@@ -244,7 +248,6 @@ def add_parser(sub: Any) -> None:
         help="directory of the spec files deliveries name (default: the checkout)",
     )
     u.add_argument("--timeout", type=float, default=900, help="seconds to wait for the hosts")
-    u.add_argument("--example", default="examples/minilm-demo.yaml", help=argparse.SUPPRESS)
     u.set_defaults(func=cmd_up)
     st = tsub.add_parser("status", help="the hosts, their addresses and which workers poll")
     st.add_argument("--json", action="store_true")

@@ -23,7 +23,6 @@ network's gateway address only.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -783,9 +782,17 @@ def down(client: docker.DockerClient, t: Topology, *, purge: bool = False) -> li
 
 
 def _purge(root: Path) -> None:
-    # PostgreSQL's files belong to the container's postgres user: rm as root may still be
-    # refused by a read-only mount; report what stays rather than fail half-way.
+    # Report what cannot be deleted (a file another user made there) rather than stop
+    # half-way through.
     shutil.rmtree(root, onerror=lambda f, p, e: log.warning("kept %s: %s", p, e[1]))
+
+
+def remove_hosts(client: docker.DockerClient, t: Topology, roles: Iterable[str]) -> None:
+    """Remove the containers of ``roles`` (e.g. the workers `up --workers` no longer has)."""
+    for role in roles:
+        if (c := _get(client, t.container(role))) is not None:
+            log.info("removing %s", c.name)
+            c.remove(force=True)
 
 
 def status(client: docker.DockerClient, t: Topology, online: Iterable[str]) -> dict[str, Any]:
@@ -888,7 +895,3 @@ def start_forwarder(run_dir: Path, relay: str, token_file: Path) -> subprocess.P
             time.sleep(0.2)
     proc.kill()
     raise ServiceError("the loopback forwarder did not listen within 30s")
-
-
-def dump(obj: Mapping[str, Any]) -> str:
-    return json.dumps(obj, indent=2)

@@ -296,12 +296,26 @@ def _kill_during(
     return host, run_id, time.monotonic() - killed
 
 
-def _resumed(topo: Topo, client: Any, spec: Path, delivery: str, dead: str) -> list[str]:
-    """Deliver ``spec`` again; it completes on another worker than ``dead``, with one
-    MLflow version, the champion serving and no container of the killed run left. The
-    stages it took from the shared record."""
+def _redeliver(topo: Topo, spec: Path, delivery: str, dead: str) -> str:
+    """Deliver ``spec`` again; the run id once a worker other than ``dead`` runs it."""
     release_id = load_spec(spec).release_id
     run_id = _deliver(topo, spec, delivery)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        run = _flow_run(topo, run_id)
+        assert _state(run) not in FINAL, (run.get("state") or {}).get("message")
+        started = _state(run) == "RUNNING"
+        if started and [h for h in _ran_on(topo, release_id) if h != dead]:
+            return run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no live worker took {release_id} again")
+
+
+def _resumed(topo: Topo, client: Any, spec: Path, run_id: str, dead: str) -> list[str]:
+    """The re-delivered run completes on another worker than ``dead``, with one MLflow
+    version, the champion serving and no container of the killed run left; the stages it
+    took from the shared record."""
+    release_id = load_spec(spec).release_id
     run = _wait_final(topo, [run_id], timeout_s=900)[run_id]
     assert _state(run) == "COMPLETED", (run.get("state") or {}).get("message")
     (other,) = _ran_on(topo, release_id, StageStatus.SUCCEEDED)
@@ -334,6 +348,7 @@ def test_a_worker_killed_mid_build_or_mid_canary_is_crashed_and_the_release_resu
     build_spec = _spec(topo, "topo-c", "v1")
     canary_spec = _spec(topo, "topo-b", "v2")
     dead, _, crash_1 = _kill_during(topo, client, build_spec, "build", "kill-build-1")
+    resumed = _redeliver(topo, build_spec, "kill-build-2", dead)
     # The dead host comes back while the release resumes on the other (`up` keeps what
     # runs); the canary release then lands on whichever worker is free.
     restart = subprocess.Popen(
@@ -344,11 +359,13 @@ def test_a_worker_killed_mid_build_or_mid_canary_is_crashed_and_the_release_resu
         stderr=subprocess.PIPE,
         text=True,
     )
-    cached_build = _resumed(topo, client, build_spec, "kill-build-2", dead)
+    cached_build = _resumed(topo, client, build_spec, resumed, dead)
     assert restart.wait(timeout=900) == 0, (restart.stderr.read() if restart.stderr else "")[-3000:]
     assert "build" not in cached_build, cached_build
     dead_2, _, crash_2 = _kill_during(topo, client, canary_spec, "canary", "kill-canary-1")
-    cached_canary = _resumed(topo, client, canary_spec, "kill-canary-2", dead_2)
+    cached_canary = _resumed(
+        topo, client, canary_spec, _redeliver(topo, canary_spec, "kill-canary-2", dead_2), dead_2
+    )
     for stage in ("build", "smoke", "evaluate", "register"):
         assert stage in cached_canary, (stage, cached_canary)
     assert "canary" not in cached_canary
