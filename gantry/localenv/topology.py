@@ -748,7 +748,7 @@ def up(
         f"{t.workers} worker(s) polling {WORK_POOL}",
         all_online,
         timeout_s,
-        "`docker logs <topology>-worker-1`",
+        f"`docker logs {t.container(t.worker_roles()[0])}` (and the other workers')",
     )
     return t
 
