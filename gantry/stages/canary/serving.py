@@ -121,13 +121,14 @@ def localized(release: Release, release_id: str, settings: Settings) -> Release:
     host's weights snapshot and weights signature: the weights are fetched again by commit
     (they must hash to the recorded manifest digest) and the signature made at release
     time is read from the shared store, so the verification before start is the same."""
+    shared = shared_records(settings)
+    if shared is None:
+        return release  # one host: the verification says what is missing
+    release = _local_keys(release, settings)
     w, s = release.weights, release.sign
     have = Path(w.path).is_dir() and Path(w.manifest_path).is_file()
     if have and Path(s.weights_signature).is_file():
         return release
-    shared = shared_records(settings)
-    if shared is None:
-        return release  # one host: the verification says what is missing
     what = f"release {release_id}"
     log.info("%s was released on another host: fetching its weights by commit here", what)
     source = release.spec.source.model_copy(update={"revision": w.commit})
@@ -156,6 +157,29 @@ def localized(release: Release, release_id: str, settings: Settings) -> Release:
     return replace(
         release, weights=here, sign=s.model_copy(update={"weights_signature": str(signature)})
     )
+
+
+def _local_keys(release: Release, settings: Settings) -> Release:
+    """A record from another host names the public keys where that host keeps them; every
+    worker signs with the same pair (the multi topology refuses one host's own), so the
+    ones this host resolves for the spec verify it. A different pair fails verification
+    before start, as any wrong key does."""
+    s = release.sign
+    if release.spec.sign.method != "key" or (
+        Path(s.public_key).is_file() and Path(s.weights_public_key).is_file()
+    ):
+        return release
+    from gantry.keyring import resolve_keys
+
+    keys = resolve_keys(release.spec.sign, settings)
+    here = {
+        "public_key": s.public_key if Path(s.public_key).is_file() else keys.image_pub,
+        "weights_public_key": s.weights_public_key
+        if Path(s.weights_public_key).is_file()
+        else keys.weights_pub,
+    }
+    log.info("verifying a release of another host with this host's public keys %s", here)
+    return replace(release, sign=s.model_copy(update=here))
 
 
 def start_recorded(target: Target, client: docker_engine.DockerClient, served: Served) -> None:
