@@ -25,6 +25,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CACHE = REPO_ROOT / ".gantry" / "cache"
 
 
+def gantry_cli(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`gantry ARGS` as a user (or a host) runs it, from the checkout, to the end."""
+    return subprocess.run(
+        [sys.executable, "-m", "gantry.cli", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

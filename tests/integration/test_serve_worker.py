@@ -4,8 +4,6 @@ worker is a managed process that `gantry env down` stops."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +14,9 @@ import pytest
 from gantry.localenv.services import worker_name, worker_service
 from gantry.proc import pid_alive
 from gantry.settings import Settings
-from tests.support import REPO_ROOT, PrefectServer, free_port
+from tests.support import REPO_ROOT, PrefectServer, free_port, gantry_cli
 
 pytestmark = pytest.mark.integration
-
-
-def _gantry(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gantry.cli", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _pool_state(server: PrefectServer) -> tuple[list[str], Any, dict[str, Any]]:
@@ -82,7 +68,7 @@ def test_serve_starts_a_worker_and_env_down_stops_it(
     }
     worker = worker_service(Settings.from_env(env))
     try:
-        served = _gantry(env, "serve", timeout=240)
+        served = gantry_cli(env, "serve", timeout=240)
         assert served.returncode == 0, served.stderr[-3000:]
         assert served.stdout.splitlines()[-1] == prefect_server.ui_url
         assert "deployment release/release" in served.stdout
@@ -116,11 +102,11 @@ def test_serve_starts_a_worker_and_env_down_stops_it(
         assert state.is_completed(), state
 
         # A second `gantry serve` finds everything up and changes nothing.
-        again = _gantry(env, "serve", "--deployment", "release", timeout=240)
+        again = gantry_cli(env, "serve", "--deployment", "release", timeout=240)
         assert again.returncode == 0, again.stderr[-3000:]
         assert worker.pid() == pid
 
-        down = _gantry(env, "env", "down", timeout=120)
+        down = gantry_cli(env, "env", "down", timeout=120)
         assert down.returncode == 0, down.stderr[-3000:]
         assert not pid_alive(pid)
         assert worker.pid() is None

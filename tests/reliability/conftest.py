@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 from uuid import UUID
 
 import anyio
 import httpx
 import pytest
+import yaml
 
 from tests.support import REPO_ROOT, GantryEnv, PrefectServer
 
@@ -42,6 +44,21 @@ BUSY_MACHINE_CANARY = {
     "max_latency_ratio": 100,
     "latency_slack_ms": 60_000,
 }
+
+
+def busy_demo_spec(root: Path, model: str, revision: str) -> dict[str, Any]:
+    """The demo spec as ``model`` at ``revision``: every 20th item of its eval set (kept in
+    ``root``), its own MLflow model, :data:`BUSY_MACHINE_CANARY`."""
+    data: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
+    lines = (REPO_ROOT / data["evaluate"]["dataset"]).read_text().splitlines()
+    subset = root / "eval.jsonl"
+    subset.write_text("\n".join(lines[::20]) + "\n")
+    data["name"] = model
+    data["source"]["revision"] = revision
+    data["evaluate"]["dataset"] = str(subset)
+    data["mlflow"] = {"model_name": model}
+    data["canary"] = BUSY_MACHINE_CANARY
+    return data
 
 
 @dataclass

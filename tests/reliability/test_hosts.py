@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +30,14 @@ from gantry.deploy.docker import MODEL_LABEL, ROLE_LABEL
 from gantry.localenv.services import metrics_services
 from gantry.record import load_record
 from gantry.settings import Settings
-from tests.reliability.conftest import BUSY_MACHINE_CANARY, Scenario
-from tests.support import REPO_ROOT, GantryEnv, PrefectServer, free_port, tracking_server
+from tests.reliability.conftest import Scenario, busy_demo_spec
+from tests.support import (
+    GantryEnv,
+    PrefectServer,
+    free_port,
+    gantry_cli,
+    tracking_server,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -69,40 +74,19 @@ def _host_env(
     return env
 
 
-def _gantry(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """`gantry ARGS` as a host runs it, to the end."""
-    return subprocess.run(
-        [sys.executable, "-m", "gantry.cli", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def _keys(root: Path, env: dict[str, str]) -> Path:
     """One signing key pair for every host (a key made on one host is that host's alone:
     the multi topology refuses to make one), as a secret mounted on each worker would be."""
     keys = root / "keys"
     if not (keys / "cosign.key").is_file():
-        made = _gantry(env, "keys", "generate", "--dir", str(keys), timeout=120)
+        made = gantry_cli(env, "keys", "generate", "--dir", str(keys), timeout=120)
         assert made.returncode == 0, made.stderr[-2000:]
     return keys / "cosign.key"
 
 
 def _spec(root: Path, env: dict[str, str], model: str = MODEL, revision: str = "v1") -> Path:
-    data = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
+    data = busy_demo_spec(root, model, revision)
     data.setdefault("sign", {})["key"] = str(_keys(root, env))
-    lines = (REPO_ROOT / data["evaluate"]["dataset"]).read_text().splitlines()
-    subset = root / "eval.jsonl"
-    subset.write_text("\n".join(lines[::20]) + "\n")
-    data["name"] = model
-    data["source"]["revision"] = revision
-    data["evaluate"]["dataset"] = str(subset)
-    data["mlflow"] = {"model_name": model}
-    data["canary"] = BUSY_MACHINE_CANARY
     if revision == "degraded":  # past the eval gate, so the canary has to catch it
         data["evaluate"].update(threshold=0.2, tolerance=1.0)
     path = root / f"{model}-{revision}.yaml"
@@ -111,7 +95,7 @@ def _spec(root: Path, env: dict[str, str], model: str = MODEL, revision: str = "
 
 
 def _release(env: dict[str, str], spec: Path) -> subprocess.CompletedProcess[str]:
-    return _gantry(env, "release", str(spec), timeout=900)
+    return gantry_cli(env, "release", str(spec), timeout=900)
 
 
 def _canaries(deployments: Path, model: str, since: float) -> list[tuple[float, float, str]]:
@@ -199,7 +183,7 @@ def test_hosts_share_a_models_deployment_take_turns_and_roll_back_to_a_dead_host
         for svc in metrics_services(Settings.from_env(host_a)):
             svc.stop()
         shutil.rmtree(tmp_path / "host-a")  # A is gone; the deployment it made serves on
-        back = _gantry(host_b, "rollback", model, timeout=600)
+        back = gantry_cli(host_b, "rollback", model, timeout=600)
         assert back.returncode == 0, back.stderr[-3000:]
         assert f"release {v1.release_id} was released on another host" in back.stderr
         champion = registry.get_alias_version(model, CHAMPION)

@@ -33,8 +33,8 @@ from gantry.adapters.mlflow_registry import CHAMPION, RELEASE_TAG, MlflowRegistr
 from gantry.localenv.topology import Topology, load_topology
 from gantry.record import StageStatus, load_record
 from gantry.spec import load_spec
-from tests.reliability.conftest import BUSY_MACHINE_CANARY, Scenario
-from tests.support import REPO_ROOT, SHARED_CACHE
+from tests.reliability.conftest import Scenario, busy_demo_spec
+from tests.support import REPO_ROOT, SHARED_CACHE, gantry_cli
 
 pytestmark = pytest.mark.reliability
 
@@ -54,18 +54,6 @@ class Topo:
 
     def worker_state(self, host: str) -> Path:
         return self.t.state_dir(host)
-
-
-def _gantry(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gantry.cli", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _port_base() -> int:
@@ -98,7 +86,7 @@ def topo() -> Iterator[Topo]:
         "GANTRY_CACHE_DIR": str(SHARED_CACHE),
         "PYTHONUNBUFFERED": "1",
     }
-    up = _gantry(
+    up = gantry_cli(
         env,
         "topology",
         "up",
@@ -118,21 +106,13 @@ def topo() -> Iterator[Topo]:
         assert t is not None
         yield Topo(t=t, env=env, specs=specs)
     finally:
-        down = _gantry(env, "topology", "down", "--purge", timeout=600)
+        down = gantry_cli(env, "topology", "down", "--purge", timeout=600)
         shutil.rmtree(base, ignore_errors=True)
         assert down.returncode == 0, down.stderr[-3000:]
 
 
 def _spec(topo: Topo, model: str, revision: str) -> Path:
-    data = yaml.safe_load((REPO_ROOT / "examples" / "minilm-demo.yaml").read_text())
-    lines = (REPO_ROOT / data["evaluate"]["dataset"]).read_text().splitlines()
-    subset = topo.specs / "eval.jsonl"
-    subset.write_text("\n".join(lines[::20]) + "\n")
-    data["name"] = model
-    data["source"]["revision"] = revision
-    data["evaluate"]["dataset"] = str(subset)
-    data["mlflow"] = {"model_name": model}
-    data["canary"] = BUSY_MACHINE_CANARY
+    data = busy_demo_spec(topo.specs, model, revision)
     path = topo.specs / f"{model}-{revision}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -140,7 +120,7 @@ def _spec(topo: Topo, model: str, revision: str) -> Path:
 
 def _deliver(topo: Topo, spec: Path, delivery: str) -> str:
     """A signed webhook delivery; the flow run's id."""
-    r = _gantry(topo.env, "topology", "deliver", str(spec), "--delivery", delivery, timeout=120)
+    r = gantry_cli(topo.env, "topology", "deliver", str(spec), "--delivery", delivery, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     body = json.loads(r.stdout)
     return str(body["flow_run_id"])
