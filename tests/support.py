@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -235,27 +235,70 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         service.stop()
 
 
-def gantry_popen(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    """`gantry ARGS` in a process of its own (and its own process group, to kill it whole)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "gantry.cli", *args],
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO_ROOT,
-        start_new_session=True,
-    )
+class GantryProcess:
+    """`gantry ARGS` in a process of its own (and its own process group, to kill it whole),
+    its output in unnamed files rather than pipes: a pipe nobody reads while the test waits
+    on something else fills at 64 KiB, and the release stops mid-stage on its next log line."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        # They live as long as this object (closed, and gone, when it is collected).
+        self._out = tempfile.TemporaryFile("w+b")  # noqa: SIM115
+        self._err = tempfile.TemporaryFile("w+b")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gantry.cli", *args],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            text=True,
+            stdout=self._out,
+            stderr=self._err,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the exit (``subprocess.TimeoutExpired`` past ``timeout``); stdout, stderr."""
+        self.proc.wait(timeout=timeout)
+        return self.output()
+
+    def finish(self, timeout: float | None = None) -> tuple[int, str, str]:
+        """Exit code, stdout and stderr, once it exits."""
+        out, err = self.communicate(timeout)
+        return self.proc.wait(), out, err
+
+    def output(self) -> tuple[str, str]:
+        """Stdout and stderr so far (the process may still run)."""
+        return self._read(self._out), self._read(self._err)
+
+    @staticmethod
+    def _read(f: IO[bytes]) -> str:
+        # pread, not seek + read: the child shares the file's offset and would go on writing
+        # wherever a seek left it.
+        fd = f.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+
+
+def gantry_popen(env: dict[str, str], *args: str) -> GantryProcess:
+    """`gantry ARGS` started, not waited for (see `GantryProcess`)."""
+    return GantryProcess(env, *args)
 
 
 def gantry_release(
     env: dict[str, str], spec: Path, timeout: float = 900
 ) -> tuple[int, dict[str, Any], str]:
     """`gantry release SPEC`: its exit code, the release record it printed, its stderr."""
-    proc = gantry_popen(env, "release", str(spec))
-    out, err = proc.communicate(timeout=timeout)
+    rc, out, err = gantry_popen(env, "release", str(spec)).finish(timeout)
     record = json.loads(Path(out.strip().splitlines()[-1]).read_text())
-    return proc.returncode, record, err
+    return rc, record, err
 
 
 class SteadyLoad:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GantryEnv, SteadyLoad, embedded_prefect
+from tests.support import REPO_ROOT, GantryEnv, GantryProcess, SteadyLoad, embedded_prefect
 from tests.support import gantry_popen as _popen
 from tests.support import gantry_release as _release
 
@@ -114,7 +114,11 @@ def _weights(gantry_env: GantryEnv) -> dict[str, int]:
     return RuntimeAPI(path).weights()
 
 
-def _wait_phase(gantry_env: GantryEnv, phase: str, timeout: float = 600) -> dict[str, Any]:
+def _wait_phase(
+    gantry_env: GantryEnv, proc: GantryProcess, phase: str, timeout: float = 600
+) -> dict[str, Any]:
+    """The status once the canary is in ``phase``; the release's own output if it ends first
+    (waiting out the timeout would hide why)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -123,7 +127,14 @@ def _wait_phase(gantry_env: GantryEnv, phase: str, timeout: float = 600) -> dict
                 return st
         except (ValueError, FileNotFoundError):
             pass
-        assert time.monotonic() < deadline, f"the canary never reached phase {phase}"
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(
+                f"the release ended (exit {proc.returncode}) before the canary reached phase "
+                f"{phase}:\n{out[-2000:]}\n{err[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"the canary never reached phase {phase}:\n{proc.output()[1][-4000:]}")
         time.sleep(0.2)
 
 
@@ -224,7 +235,7 @@ def test_a_candidate_that_crashes_is_rolled_back_at_once(
     load = SteadyLoad(endpoint, tmp_path / "load.json")
     try:
         proc = _popen(env, "release", str(_spec(tmp_path, "again", "v1", window_s=120)))
-        st = _wait_phase(gantry_env, "progressing")
+        st = _wait_phase(gantry_env, proc, "progressing")
         name = next(n for n in _containers() if n.endswith(f"-{st['candidate']['slot']}"))
         client = docker.from_env()
         killed_at = time.time()
@@ -260,7 +271,7 @@ def test_killed_mid_canary_then_rollback_leaves_the_champion_at_100(
     before = _champion_alias(gantry_env)
     # The same spec as the crash test: its earlier stages are re-used, the canary runs.
     proc = _popen(env, "release", str(_spec(tmp_path, "again", "v1", window_s=120)))
-    st = _wait_phase(gantry_env, "progressing")
+    st = _wait_phase(gantry_env, proc, "progressing")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     assert len(_containers()) == 3  # router, champion, the abandoned candidate
@@ -336,7 +347,7 @@ def test_manual_approval_pauses_the_flow_run_before_100(
     release_id = load_spec(spec).release_id
     proc = _popen(env, "release", str(spec))
     try:
-        _wait_phase(gantry_env, "waiting-approval")
+        _wait_phase(gantry_env, proc, "waiting-approval")
         record = json.loads((gantry_env.state_dir / "releases" / f"{release_id}.json").read_text())
         # What a person does in the UI's resume form, through Prefect's own client.
         resume = subprocess.run(

@@ -6,9 +6,6 @@ them (not held up)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +18,7 @@ import yaml
 
 from gantry.adapters.mlflow_registry import CHAMPION, MlflowRegistry
 from tests.reliability.conftest import BUSY_MACHINE_CANARY, Scenario
-from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
+from tests.support import REPO_ROOT, GantryEnv, GantryProcess, embedded_prefect, gantry_popen
 
 pytestmark = pytest.mark.reliability
 
@@ -49,27 +46,18 @@ def _spec(tmp_path: Path, model: str, revision: str) -> Path:
     return path
 
 
-def _start(env: dict[str, str], spec: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gantry.cli", "release", str(spec)],
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=REPO_ROOT,
-    )
+def _start(env: dict[str, str], spec: Path) -> GantryProcess:
+    return gantry_popen(env, "release", str(spec))
 
 
-def _finish(
-    proc: subprocess.Popen[str], t0: float | None = None
-) -> tuple[int, dict[str, Any], str, float]:
+def _finish(proc: GantryProcess, t0: float | None = None) -> tuple[int, dict[str, Any], str, float]:
     """Exit code, record (none for a refused run: the record is the running one's, which
     may not be written yet), stderr, and seconds since ``t0`` (default: now)."""
     t0 = time.monotonic() if t0 is None else t0
-    out, err = proc.communicate(timeout=1200)
+    rc, out, err = proc.finish(timeout=1200)
     refused = "is already running" in err
     record = {} if refused else json.loads(Path(out.strip().splitlines()[-1]).read_text())
-    return proc.returncode, record, err, time.monotonic() - t0
+    return rc, record, err, time.monotonic() - t0
 
 
 def _champion(gantry_env: GantryEnv, model: str) -> str | None:
