@@ -648,8 +648,9 @@ class CanaryOptions(_Frozen):
         ge=0,
         le=5,
         title="Retries of an inconclusive window",
-        description="A window that ends without the data a check needs (the champion's "
-        "quality probe failed, no champion latency samples) is run again this many times; "
+        description="A window that ends without the data a check needs (fewer than "
+        "min_requests, the champion's quality probe failed, no champion latency samples) is "
+        "run again this many times; "
         "still inconclusive, the candidate is rolled back. Missing data never passes.",
     )
     skip_analysis: bool = Field(

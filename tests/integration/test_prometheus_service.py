@@ -186,3 +186,48 @@ def test_a_model_server_cannot_pose_as_the_router(
         assert not prom.query("gantry_router_requests_total").samples
         q = render("requests", deployment="gantry-m", slot=Slot.B, window_s=30)
         assert prom.query(q).scalar() is None
+
+
+def test_requests_counted_never_exceeds_what_was_served(
+    prometheus: PrometheusProcess, prom_settings: Settings, target: MetricsTarget
+) -> None:
+    """The canary paces its synthetic probes on ``requests-counted``: it must never say
+    more requests were served than were (``increase()`` extrapolates to the range's edges,
+    and probes paced on it stopped short of canary.min_requests). Once scraped, it is
+    the exact count."""
+    import re
+
+    from gantry.stages.canary.sources import QUERIES
+
+    def shaped(name: str, window_s: float) -> str:
+        """The canary's query ``name`` over this target's counter instead of the router's."""
+        q = re.sub(
+            r"gantry_router_requests_total\{[^}]*\}",
+            'gantry_test_requests_total{code="200"}',
+            QUERIES[name],
+        )
+        return q.replace("$window", f"{max(2, int(window_s) + 1)}s")
+
+    status = prometheus.start()
+    write_target_group(prom_settings.scrape_targets_dir, "minilm", target, TARGET_LABELS)
+    counter = target.requests.labels(code="200")
+    with PrometheusClient(status.url) as prom:
+        wait_for(
+            lambda: bool(prom.query("gantry_test_requests_total").samples),
+            10,
+            "the file-SD target was not scraped",
+        )
+        time.sleep(2.5)  # flat samples before the window, as before a canary step
+        # The range reaches two scrapes before the window, as the canary's does.
+        t_obs, served = time.monotonic() - 2, 0
+        for _ in range(12):
+            counter.inc()
+            served += 1
+            counted = prom.query(shaped("requests-counted", time.monotonic() - t_obs)).scalar()
+            assert counted is not None and counted <= served, (counted, served)
+            time.sleep(0.3)
+        time.sleep(2.2)  # two scrapes after the last request: the settled figure
+        window = time.monotonic() - t_obs
+        assert prom.query(shaped("requests-counted", window)).scalar() == served
+        extrapolated = prom.query(shaped("requests", window)).scalar()
+        assert extrapolated is not None and extrapolated >= served

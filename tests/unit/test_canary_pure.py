@@ -143,11 +143,15 @@ def test_errors_beyond_what_the_rate_allows_fail_at_once() -> None:
     assert not failed(judge(one, OPTS, final=False))
 
 
-def test_too_few_requests_fail_at_the_end_rather_than_pass_on_no_data() -> None:
+def test_too_few_requests_are_inconclusive_at_the_end_never_a_pass() -> None:
     obs = WindowObservations(candidate=_win(3), champion=_win(50))
     checks = {c.name: c for c in judge(obs, OPTS, final=True)}
-    assert checks["success-rate"].passed is False
+    assert checks["success-rate"].passed is None and checks["success-rate"].inconclusive
     assert "min_requests" in checks["success-rate"].detail
+    assert "success-rate" in inconclusive(tuple(checks.values()))
+    # Failures the rate cannot allow, even over min_requests, fail however few they are.
+    bad = WindowObservations(candidate=_win(3, fail=2), champion=_win(50))
+    assert "success-rate" in failed(judge(bad, OPTS, final=True))
 
 
 def test_latency_is_relative_to_the_champion_plus_slack() -> None:

@@ -201,14 +201,17 @@ def _traffic_checks(
     # undone by more requests: fail now. Otherwise judge the rate at the window's end.
     allowed = opts.max_error_rate * max(cand.requests, opts.min_requests)
     rate = cand.failures / cand.requests if cand.requests else None
+    # Too few requests to judge is missing data, like a quality score not scraped: the
+    # window is inconclusive (run again, never a pass), not a verdict on the candidate.
+    short = final and cand.requests < opts.min_requests
     if cand.failures > allowed:
         passed: bool | None = False
-    elif final:
-        passed = cand.requests >= opts.min_requests and (rate or 0.0) <= opts.max_error_rate
+    elif final and not short:
+        passed = (rate or 0.0) <= opts.max_error_rate
     else:
         passed = None
     detail = f"{cand.failures} of {cand.requests} requests failed"
-    if final and cand.requests < opts.min_requests and passed is False:
+    if short and passed is None:
         detail += f" (fewer than canary.min_requests={opts.min_requests} to judge)"
     checks.append(
         CheckResult(
@@ -217,6 +220,7 @@ def _traffic_checks(
             observed=None if rate is None else round(1 - rate, 4),
             limit=round(1 - opts.max_error_rate, 4),
             detail=detail,
+            inconclusive=short and passed is None,
         )
     )
 
@@ -533,8 +537,12 @@ def _window(
                     quality_at=quality_at,
                     usage=source.usage() if final else {},
                 )
+            counted = reading.candidate_counted
             due = probes_wanted(
-                opts.min_requests, tick - t_obs, end - t_obs, obs.candidate.requests
+                opts.min_requests,
+                tick - t_obs,
+                end - t_obs,
+                obs.candidate.requests if counted is None else counted,
             )
             for _ in range(min(due, probes_per_check(opts))):
                 pool.submit(prober.synthetic, cand)

@@ -40,6 +40,15 @@ _TRAFFIC = _EXPORTER + ',probe!="quality"'
 #: names one analysis window (its quality scores).
 QUERIES: dict[str, str] = {
     "requests": f"sum(increase(gantry_router_requests_total{{{_TRAFFIC}}}[$window]))",
+    # Counted, not extrapolated: the first and last samples in the range (a counter the
+    # exporter seeds at 0 does not reset within a window). `increase()` scales the
+    # difference up to the range's edges, by half again or more while the range is a few
+    # scrapes long: synthetic probes paced on it stopped short, and the window's final
+    # (settled, longer-range) figure fell below canary.min_requests.
+    "requests-counted": (
+        f"sum(max_over_time(gantry_router_requests_total{{{_TRAFFIC}}}[$window])"
+        f" - min_over_time(gantry_router_requests_total{{{_TRAFFIC}}}[$window]))"
+    ),
     "failures": (
         f'sum(increase(gantry_router_requests_total{{{_TRAFFIC},outcome="failure"}}[$window]))'
     ),
@@ -117,6 +126,9 @@ class Reading:
     quality_missing: str | None = None
     ttft: tuple[SlotWindow, SlotWindow] | None = None
     traffic_missing: str | None = None
+    #: The candidate's requests counted so far, never over-estimated (None: as
+    #: ``candidate.requests``); what synthetic probes are paced on.
+    candidate_counted: int | None = None
     #: check name -> the queries it read, the candidate's first (its check's own figure
     #: first among them), then the champion's
     queries: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -312,6 +324,7 @@ class PrometheusSource:
                     p99_ms=None if p99 is None else p99 * 1000,
                 )
             )
+        counted = self._q("requests-counted", cand)[1]
         ttft = None
         if self.chat:
             ttfts, exported = [], False
@@ -347,6 +360,7 @@ class PrometheusSource:
             quality=quality,
             quality_missing=missing,
             ttft=ttft,
+            candidate_counted=None if counted is None else int(counted),
             traffic_missing=f"Prometheus has no request series of slot(s) "
             f"{', '.join(missing_traffic)} (exporter or scrape missing)"
             if missing_traffic
