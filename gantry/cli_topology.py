@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,9 +143,16 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"spec_path": str(rel)}
     body = json.dumps(payload).encode()
     secret = t.webhook_secret_file.read_bytes().strip()
-    headers = {"Content-Type": "application/json", "X-Gantry-Signature": sign(body, secret)}
-    if args.delivery:
-        headers["X-Gantry-Delivery"] = args.delivery
+    # The receiver needs an id per delivery (its idempotency key); a person at a shell
+    # gets a fresh one, and the line to send the same delivery again.
+    delivery = args.delivery or f"gantry-cli-{uuid.uuid4().hex}"
+    if not args.delivery:
+        log.info("delivery %s (`--delivery %s` sends it again, same run)", delivery, delivery)
+    headers = {
+        "Content-Type": "application/json",
+        "X-Gantry-Signature": sign(body, secret),
+        "X-Gantry-Delivery": delivery,
+    }
     try:
         r = httpx.post(t.webhook_url, content=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
@@ -257,7 +265,11 @@ def add_parser(sub: Any) -> None:
     d.set_defaults(func=cmd_down)
     dl = tsub.add_parser("deliver", help="a signed webhook delivery of a spec file")
     dl.add_argument("spec", help="spec file under the checkout, e.g. examples/minilm-demo.yaml")
-    dl.add_argument("--delivery", default=None, help="delivery id (the idempotency key)")
+    dl.add_argument(
+        "--delivery",
+        default=None,
+        help="delivery id, the idempotency key (default: a new one each time)",
+    )
     dl.set_defaults(func=cmd_deliver)
     for name, func, helptext in (
         ("control", cmd_control, "(inside the control container)"),
