@@ -41,7 +41,7 @@ import docker.errors
 import requests
 from pydantic import BaseModel, ConfigDict, Field
 
-from gantry.atomicfile import write_atomic
+from gantry.atomicfile import link_or_copy, write_atomic
 from gantry.errors import ConfigError, DockerUnavailableError, ServiceError
 from gantry.localenv.loopback import PortRange
 from gantry.proc import redact_text
@@ -333,7 +333,7 @@ def ensure_image(client: docker.DockerClient, settings: Settings, project_dir: P
             )
             (ctx / "wheelhouse").mkdir()
             for w in wheels:
-                os.link(w, ctx / "wheelhouse" / w.name)
+                link_or_copy(w, ctx / "wheelhouse" / w.name)
 
         _build(client, here / "deps.Dockerfile", deps_tag, deps_context)
     tag = (

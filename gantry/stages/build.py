@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import gantry
 from gantry.adapters import docker_engine
 from gantry.adapters.registry import RegistryClient
+from gantry.atomicfile import link_or_copy
 from gantry.errors import BaseImageError, BuildError, ConfigError, WeightsInContextError
 from gantry.manifest import WeightsManifest, sha256_file
 from gantry.scratch import scratch_dir
@@ -197,7 +198,7 @@ def assemble_context(
         wh = dest / "wheelhouse"
         wh.mkdir()
         for w in wheels:
-            os.link(w, wh / w.name)
+            link_or_copy(w, wh / w.name)
 
 
 def prepare_context(rt: Path, settings: Settings, arch: str, dest: Path) -> None:

@@ -35,6 +35,7 @@ from gantry.adapters.hub import (
     check_relative_path,
     gated_without_token,
 )
+from gantry.atomicfile import link_or_copy
 from gantry.errors import (
     ChecksumMismatchError,
     DiskFullError,
@@ -481,7 +482,7 @@ def _download_and_publish(
         assert blob is not None  # either downloaded just now or found in the store
         target = tree / f.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(blob, target)
+        link_or_copy(blob, target)
         entries.append(ManifestEntry(path=f.path, size=blob.stat().st_size, sha256=blob.name))
     manifest = WeightsManifest.build(snap.repo_id, snap.commit, entries, gated=snap.gated)
 

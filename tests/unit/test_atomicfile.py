@@ -4,14 +4,16 @@ killed between write and rename removed by the next write of the same file."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from gantry.atomicfile import sweep_stale, sweep_stale_prefix, write_atomic
+from gantry.atomicfile import link_or_copy, sweep_stale, sweep_stale_prefix, write_atomic
 
 pytestmark = pytest.mark.unit
 
@@ -90,3 +92,25 @@ def test_a_killed_runs_own_record_temp_is_swept_by_the_next_run(tmp_path: Path) 
     finally:
         alive.kill()
         alive.wait(timeout=30)
+
+
+def test_link_or_copy_links_on_one_filesystem_and_copies_across(tmp_path: Path) -> None:
+    src = tmp_path / "wheel.whl"
+    src.write_bytes(b"wheel bytes")
+    linked = tmp_path / "ctx" / "wheel.whl"
+    linked.parent.mkdir()
+    link_or_copy(src, linked)
+    assert linked.stat().st_ino == src.stat().st_ino
+    # /dev/shm is a tmpfs of its own where there is one: os.link raises EXDEV there.
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem to link across")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        with pytest.raises(OSError):
+            os.link(src, other / "probe")
+        link_or_copy(src, other / "wheel.whl")
+        copied = other / "wheel.whl"
+        assert copied.read_bytes() == b"wheel bytes" and copied.stat().st_ino != src.stat().st_ino
+    finally:
+        shutil.rmtree(other)
