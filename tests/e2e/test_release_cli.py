@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, GantryEnv, embedded_prefect
+from tests.support import REPO_ROOT, GantryEnv, embedded_prefect, gantry_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -27,16 +27,7 @@ def prefect_env(gantry_env: GantryEnv) -> Iterator[dict[str, str]]:
 def _gantry(
     env: dict[str, str], *args: str, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "gantry.cli", *args],
-        env=full,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        cwd=REPO_ROOT,
-        check=False,
-    )
+    return gantry_cli({**os.environ, **env, "PYTHONUNBUFFERED": "1"}, *args, timeout=timeout)
 
 
 #: This module's releases go live as a model of their own, with short canary windows: a
